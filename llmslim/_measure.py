@@ -1,0 +1,85 @@
+"""What a module really stores: parameters, bytes, zeros, bits.
+
+Bytes are true storage bytes of every parameter and buffer (``numel * element_size``, so packed
+integer tensors count what they hold); a tensor shared by two modules (tied weights) counts once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+__all__ = ["Stats", "module_stats", "model_bytes"]
+
+
+def _tensors(module: nn.Module) -> Iterator[tuple[str, torch.Tensor, bool]]:
+    seen: set[int] = set()
+    for name, p in module.named_parameters(remove_duplicate=False):
+        if id(p) not in seen:
+            seen.add(id(p))
+            yield name, p, True
+    for name, b in module.named_buffers(remove_duplicate=False):
+        if b is not None and id(b) not in seen:
+            seen.add(id(b))
+            yield name, b, False
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def model_bytes(model: nn.Module) -> int:
+    """True storage bytes of every parameter and buffer of ``model``, shared tensors once.
+
+    Example:
+        >>> from torch import nn
+        >>> model_bytes(nn.Linear(4, 2))  # 8 weights + 2 biases, float32
+        40
+    """
+    return sum(_nbytes(t) for _, t, _ in _tensors(model))
+
+
+@dataclasses.dataclass(frozen=True)
+class Stats:
+    """A measurement of one module: parameter count, storage bytes, weight sparsity and bits."""
+
+    params: int
+    bytes: int
+    sparsity: float | None
+    bits: float | None
+
+
+def _logical_weight(module: nn.Module) -> torch.Tensor | None:
+    # ``module.weight`` is what the forward sees (masks applied by a parametrization); packed
+    # modules expose their own figures through ``sparsity``/``bits`` attributes instead.
+    w = getattr(module, "weight", None)
+    return w if isinstance(w, torch.Tensor) and w.is_floating_point() else None
+
+
+def module_stats(module: nn.Module) -> Stats:
+    """Measure ``module`` and its children.
+
+    Sparsity is the fraction of exact zeros in the weight the forward sees, bits its element
+    width; a module with a packed format reports its own through ``weight_bits`` and
+    ``weight_sparsity`` attributes.
+
+    Example:
+        >>> from torch import nn
+        >>> module_stats(nn.Linear(4, 2, bias=False))
+        Stats(params=8, bytes=32, sparsity=0.0, bits=32.0)
+    """
+    params = sum(t.numel() for _, t, is_param in _tensors(module) if is_param)
+    nbytes = sum(_nbytes(t) for _, t, _ in _tensors(module))
+    bits = getattr(module, "weight_bits", None)
+    sparsity = getattr(module, "weight_sparsity", None)
+    w = _logical_weight(module)
+    if w is not None:
+        with torch.no_grad():
+            if sparsity is None and w.device.type != "meta" and w.numel():
+                sparsity = float((w == 0).sum().item()) / w.numel()
+            if bits is None:
+                bits = float(w.element_size() * 8)
+    return Stats(params=params, bytes=nbytes, sparsity=sparsity, bits=None if bits is None else float(bits))

@@ -1,0 +1,92 @@
+"""The exception tree: one flat family, every class also a builtin exception.
+
+Catch :class:`LlmslimError` for anything llmslim raises on purpose, or the builtin
+(``ValueError``, ``LookupError``, ``RuntimeError``) where the caller already does.
+
+Example:
+    >>> import llmslim as ls
+    >>> try:
+    ...     ls.build_pass({"pass": "no-such-pass"})
+    ... except ls.errors.RegistryError as exc:
+    ...     print(type(exc).__name__)
+    RegistryError
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+__all__ = [
+    "LlmslimError",
+    "ConfigError",
+    "TargetError",
+    "RegistryError",
+    "OrderError",
+    "PassError",
+    "CalibrationError",
+    "CheckpointError",
+]
+
+
+class LlmslimError(Exception):
+    """Base of every error llmslim raises on purpose."""
+
+
+class ConfigError(LlmslimError, ValueError):
+    """A configuration value is invalid: a pass field, a recipe, a Context argument."""
+
+
+class TargetError(LlmslimError, LookupError):
+    """A module selection (``targets``/``ignore``) matched nothing or is malformed."""
+
+
+class RegistryError(LlmslimError, LookupError):
+    """A pass name is unknown, registered twice, or its plugin failed to import."""
+
+
+class OrderError(LlmslimError, ValueError):
+    """A chain of passes is invalid as a whole: a pass cannot run after another one."""
+
+
+class CalibrationError(LlmslimError, RuntimeError):
+    """Calibration data is missing or does not fit the model."""
+
+
+class CheckpointError(LlmslimError, OSError):
+    """A checkpoint is missing, corrupted, from an unknown format version or unsafe."""
+
+
+class PassError(LlmslimError, RuntimeError):
+    """A pass raised while it ran; the model was rolled back to its state before that pass.
+
+    Attributes:
+        pass_name: The pass that failed.
+        module: Qualified name of the module it was working on, or ``None`` if unknown.
+        completed: Names of the passes that had completed before it, in order.
+        rolled_back: Whether the model was restored to its state before the pass.
+
+    The original exception is chained as ``__cause__``.
+    """
+
+    def __init__(
+        self,
+        pass_name: str,
+        cause: BaseException,
+        *,
+        module: str | None = None,
+        completed: Sequence[str] = (),
+        rolled_back: bool = True,
+        phase: str = "apply",
+    ) -> None:
+        self.pass_name = pass_name
+        self.module = module
+        self.completed = tuple(completed)
+        self.rolled_back = rolled_back
+        self.phase = phase
+        where = f" on module {module!r}" if module is not None else ""
+        after = ", ".join(repr(n) for n in self.completed) if self.completed else "nothing"
+        state = "model rolled back" if rolled_back else "ROLLBACK FAILED, model may be modified"
+        super().__init__(
+            f"pass {pass_name!r} failed in {phase}{where} "
+            f"(completed before it: {after}; {state}): {type(cause).__name__}: {cause}"
+        )
