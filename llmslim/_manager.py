@@ -12,7 +12,7 @@ from typing import Any
 from torch import nn
 
 from ._context import Context
-from ._measure import model_bytes
+from ._measure import count_params, model_bytes
 from ._pass import pass_name
 from ._recipe import read_recipe, write_recipe
 from ._registry import build_pass, to_spec
@@ -21,10 +21,6 @@ from ._rollback import Journal
 from .errors import CalibrationError, ConfigError, OrderError, PassError
 
 __all__ = ["PassManager", "compress_"]
-
-
-def _params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 class PassManager:
@@ -141,7 +137,7 @@ class PassManager:
     @staticmethod
     def _run(p: Any, phase: str, model: nn.Module, ctx: Context, done: Sequence[str]) -> Report | None:
         label = pass_name(p)
-        bytes_before, params_before = model_bytes(model), _params(model)
+        bytes_before, params_before = model_bytes(model), count_params(model)
         journal = Journal(model)
         ctx.journal, ctx.module = journal, None
         start = time.perf_counter()
@@ -166,11 +162,12 @@ class PassManager:
             ctx.invalidate()
         return dataclasses.replace(
             report,
+            name=label,
             seconds=time.perf_counter() - start,
             bytes_before=bytes_before,
             bytes_after=model_bytes(model),
             params_before=params_before,
-            params_after=_params(model),
+            params_after=count_params(model),
         )
 
     # -- recipes --------------------------------------------------------------------------

@@ -12,23 +12,16 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-__all__ = ["Stats", "module_stats", "model_bytes"]
+__all__ = ["Stats", "module_stats", "model_bytes", "count_params"]
 
 
-def _tensors(module: nn.Module) -> Iterator[tuple[str, torch.Tensor, bool]]:
+def _tensors(module: nn.Module) -> Iterator[torch.Tensor]:
+    # Parameters and buffers, each tensor once (tied weights are one tensor).
     seen: set[int] = set()
-    for name, p in module.named_parameters(remove_duplicate=False):
-        if id(p) not in seen:
-            seen.add(id(p))
-            yield name, p, True
-    for name, b in module.named_buffers(remove_duplicate=False):
-        if b is not None and id(b) not in seen:
-            seen.add(id(b))
-            yield name, b, False
-
-
-def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
+    for t in [*module.parameters(), *module.buffers()]:
+        if id(t) not in seen:
+            seen.add(id(t))
+            yield t
 
 
 def model_bytes(model: nn.Module) -> int:
@@ -39,7 +32,33 @@ def model_bytes(model: nn.Module) -> int:
         >>> model_bytes(nn.Linear(4, 2))  # 8 weights + 2 biases, float32
         40
     """
-    return sum(_nbytes(t) for _, t, _ in _tensors(model))
+    return sum(t.numel() * t.element_size() for t in _tensors(model))
+
+
+def count_params(model: nn.Module) -> int:
+    """Logical parameter count: weights a module represents, packed ones included.
+
+    A module that stores its weights packed (in buffers) says how many it represents through a
+    ``logical_params`` attribute, which then replaces the count of its own direct parameters.
+
+    Example:
+        >>> from torch import nn
+        >>> count_params(nn.Linear(4, 2))
+        10
+    """
+    seen: set[int] = set()
+    total = 0
+    for m in model.modules():
+        own = getattr(m, "logical_params", None)
+        if own is not None:
+            total += int(own)
+            seen.update(id(p) for p in m.parameters(recurse=False))
+            continue
+        for p in m.parameters(recurse=False):
+            if id(p) not in seen:
+                seen.add(id(p))
+                total += p.numel()
+    return total
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +79,7 @@ def _logical_weight(module: nn.Module) -> torch.Tensor | None:
 
 
 def module_stats(module: nn.Module) -> Stats:
-    """Measure ``module`` and its children.
+    """Measure ``module`` and its children (parameters as :func:`count_params` counts them).
 
     Sparsity is the fraction of exact zeros in the weight the forward sees, bits its element
     width; a module with a packed format reports its own through ``weight_bits`` and
@@ -71,8 +90,8 @@ def module_stats(module: nn.Module) -> Stats:
         >>> module_stats(nn.Linear(4, 2, bias=False))
         Stats(params=8, bytes=32, sparsity=0.0, bits=32.0)
     """
-    params = sum(t.numel() for _, t, is_param in _tensors(module) if is_param)
-    nbytes = sum(_nbytes(t) for _, t, _ in _tensors(module))
+    params = count_params(module)
+    nbytes = model_bytes(module)
     bits = getattr(module, "weight_bits", None)
     sparsity = getattr(module, "weight_sparsity", None)
     w = _logical_weight(module)

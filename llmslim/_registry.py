@@ -38,12 +38,18 @@ def _dist(ep: md.EntryPoint) -> str:
 def _entry_points() -> dict[str, list[md.EntryPoint]]:
     global _eps
     if _eps is None:
+        # Walk distributions ourselves: ``importlib.metadata.entry_points()`` keeps only one
+        # entry point per name, which would hide a conflict between two plugins.
         found: dict[str, list[md.EntryPoint]] = {}
-        for ep in md.entry_points(group=GROUP):
-            same = found.setdefault(ep.name, [])
-            # One distribution seen twice on sys.path is not a conflict.
-            if not any(e.value == ep.value and _dist(e) == _dist(ep) for e in same):
-                same.append(ep)
+        seen_dists: set[str] = set()
+        for dist in md.distributions():
+            key = re.sub(r"[-_.]+", "-", (dist.metadata["Name"] or "")).lower()
+            if key in seen_dists:  # the same distribution twice on sys.path: first one wins
+                continue
+            seen_dists.add(key)
+            for ep in dist.entry_points:
+                if ep.group == GROUP:
+                    found.setdefault(ep.name, []).append(ep)
         _eps = found
     return _eps
 

@@ -28,6 +28,8 @@ class HalfLinear(nn.Module):
         self.register_buffer("weight_half", linear.weight.detach().to(torch.float16))
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone())
         self.weight_bits = 16.0
+        # Replaces the count of its own parameters: the weights it represents plus the bias.
+        self.logical_params = self.weight_half.numel() + (0 if self.bias is None else self.bias.numel())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight_half.to(x.dtype), self.bias)
