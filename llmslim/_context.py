@@ -55,6 +55,9 @@ class Context:
         device: Where passes compute; ``None`` keeps each module where it is.
         progress: Show progress bars (also off when the ``LLMSLIM_PROGRESS`` variable is ``0``).
         seed: Seed for anything random a pass does.
+        rollback: Journal each pass so a failure restores the model (default). ``False`` saves
+            the memory of in-place copies on models too large to hold twice; a failing pass then
+            leaves the model as the error found it (``PassError.rolled_back`` is ``False``).
 
     Attributes:
         step: Training steps completed (advanced by ``PassManager.step``).
@@ -77,6 +80,7 @@ class Context:
         device: torch.device | str | None = None,
         progress: bool = True,
         seed: int = 0,
+        rollback: bool = True,
     ) -> None:
         if calibration is not None and not isinstance(calibration, Sequence):
             if isinstance(calibration, (torch.Tensor, Mapping)) or not isinstance(calibration, Iterable):
@@ -99,6 +103,7 @@ class Context:
         self.teacher = teacher
         self.progress = bool(progress) and os.environ.get("LLMSLIM_PROGRESS", "1") != "0"
         self.seed = seed
+        self.rollback = bool(rollback)
         self.step = 0
         self.journal: Journal | None = None
         self.module: str | None = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -21,6 +22,8 @@ from ._rollback import Journal
 from .errors import CalibrationError, ConfigError, OrderError, PassError
 
 __all__ = ["PassManager", "compress_"]
+
+log = logging.getLogger("llmslim")
 
 
 class PassManager:
@@ -138,19 +141,22 @@ class PassManager:
     def _run(p: Any, phase: str, model: nn.Module, ctx: Context, done: Sequence[str]) -> Report | None:
         label = pass_name(p)
         bytes_before, params_before = model_bytes(model), count_params(model)
-        journal = Journal(model)
+        journal = Journal(model) if ctx.rollback else None
         ctx.journal, ctx.module = journal, None
+        log.info("%s: %s started (after: %s)", label, phase, ", ".join(done) or "nothing")
         start = time.perf_counter()
         try:
             report = getattr(p, phase)(model, ctx)
             if report is not None and not isinstance(report, Report):
                 raise TypeError(f"{phase}() must return a Report (got {type(report).__name__})")
         except BaseException as exc:
-            try:
-                journal.rollback()
-                rolled_back = True
-            except Exception:  # keep the pass's error; say the model may be modified
-                rolled_back = False
+            rolled_back = False
+            if journal is not None:
+                try:
+                    journal.rollback()
+                    rolled_back = True
+                except Exception:  # keep the pass's error; say the model may be modified
+                    log.exception("%s: rollback failed", label)
             if not isinstance(exc, Exception):
                 raise  # KeyboardInterrupt and friends: model restored, error unchanged
             raise PassError(label, exc, module=ctx.module, completed=done, rolled_back=rolled_back, phase=phase) from exc
@@ -160,12 +166,14 @@ class PassManager:
             return None
         if report.modified:
             ctx.invalidate()
+        seconds, bytes_after = time.perf_counter() - start, model_bytes(model)
+        log.info("%s: %s done in %.2fs, model bytes %d -> %d", label, phase, seconds, bytes_before, bytes_after)
         return dataclasses.replace(
             report,
             name=label,
-            seconds=time.perf_counter() - start,
+            seconds=seconds,
             bytes_before=bytes_before,
-            bytes_after=model_bytes(model),
+            bytes_after=bytes_after,
             params_before=params_before,
             params_after=count_params(model),
         )

@@ -85,7 +85,7 @@ class PassError(LlmslimError, RuntimeError):
         self.phase = phase
         where = f" on module {module!r}" if module is not None else ""
         after = ", ".join(repr(n) for n in self.completed) if self.completed else "nothing"
-        state = "model rolled back" if rolled_back else "ROLLBACK FAILED, model may be modified"
+        state = "model rolled back" if rolled_back else "model NOT rolled back, it may be partly modified"
         super().__init__(
             f"pass {pass_name!r} failed in {phase}{where} "
             f"(completed before it: {after}; {state}): {type(cause).__name__}: {cause}"

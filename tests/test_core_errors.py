@@ -35,7 +35,7 @@ def test_pass_error_message_names_pass_module_and_history() -> None:
     for part in ("'gptq'", "'model.layers.3.q_proj'", "'wanda', 'rtn'", "rolled back", "ValueError: boom"):
         assert part in msg
     assert exc.pass_name == "gptq" and exc.completed == ("wanda", "rtn") and exc.rolled_back
-    assert "ROLLBACK FAILED" in str(errors.PassError("x", cause, rolled_back=False))
+    assert "NOT rolled back" in str(errors.PassError("x", cause, rolled_back=False))
 
 
 def test_ls_errors_is_the_module() -> None:

@@ -236,3 +236,21 @@ def test_compress_argument_checks() -> None:
     model = TinyNet()
     report = ls.compress_(model, [ToyPrune(), {"pass": "toy-half"}], progress=False, finalize=False)
     assert [c.name for c in report.children] == ["toy-prune", "toy-half"]
+
+
+def test_rollback_can_be_turned_off_and_says_so(caplog) -> None:
+    model = TinyNet()
+    with pytest.raises(PassError, match="NOT rolled back") as info:
+        ls.compress_(model, ctx=ls.Context(progress=False, rollback=False), *[ToyPrune(sparsity=0.5, fail_at=1)])
+    assert not info.value.rolled_back
+    assert module_sparsity(model.fc1) >= 0.5  # the first module stays pruned: nothing was journaled
+
+
+def test_manager_logs_each_pass(caplog) -> None:
+    with caplog.at_level("INFO", logger="llmslim"):
+        ls.compress_(TinyNet(), ToyPrune(), progress=False)
+    assert "toy-prune: apply started (after: nothing)" in caplog.text and "toy-prune: apply done" in caplog.text
+
+
+def module_sparsity(module) -> float:
+    return float((module.weight == 0).float().mean())
