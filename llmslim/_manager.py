@@ -117,6 +117,7 @@ class PassManager:
         for p in self.passes:
             fn = getattr(p, "step", None)
             if callable(fn):
+                ctx.module = None
                 try:
                     fn(model, ctx)
                 except Exception as exc:

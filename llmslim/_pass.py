@@ -11,6 +11,7 @@ from torch import nn
 
 from ._context import Context
 from ._measure import Stats, module_stats
+from ._registry import registered_name, to_spec
 from ._report import ModuleRow, Report
 from ._targets import Target, select
 from ._validate import check_fields
@@ -59,8 +60,6 @@ def pass_name(p: Any) -> str:
     name = getattr(p, "name", None)
     if isinstance(name, str) and name:
         return name
-    from ._registry import registered_name
-
     return registered_name(type(p)) or type(p).__name__
 
 
@@ -154,8 +153,6 @@ class PassBase:
 
     def to_spec(self) -> dict[str, Any]:
         """This pass as a recipe entry; ``build_pass(p.to_spec()) == p``."""
-        from ._registry import to_spec
-
         return to_spec(self)
 
     # -- helpers for subclasses --------------------------------------------------------

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 from .errors import ConfigError, RegistryError
 
-__all__ = ["GROUP", "register", "get_pass", "available_passes", "build_pass", "to_spec", "registered_name", "refresh"]
+__all__ = ["GROUP", "register", "get_pass", "available_passes", "build_pass", "to_spec", "registered_name", "origin", "refresh"]
 
 GROUP = "llmslim.passes"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
@@ -167,6 +167,13 @@ def _unregister(name: str) -> None:
     cls = _local.pop(name, None)
     if cls is not None:
         _names.pop(cls, None)
+
+
+def origin(name: str) -> str:
+    """Where pass ``name`` comes from: its distribution(s), or ``"(registered in process)"``."""
+    if name in _local:
+        return "(registered in process)"
+    return ", ".join(_dist(ep) for ep in _entry_points().get(name, ()))
 
 
 def registered_name(cls: Any) -> str | None:

@@ -12,7 +12,7 @@ from typing import Any
 from . import __version__
 from ._manager import PassManager
 from ._pass import pass_name
-from ._registry import _entry_points, _local, _dist, available_passes, get_pass
+from ._registry import available_passes, get_pass, origin
 from .errors import LlmslimError
 
 __all__ = ["main"]
@@ -23,20 +23,14 @@ def _summary(obj: Any) -> str:
     return doc.splitlines()[0] if doc else "(no description)"
 
 
-def _origin(name: str) -> str:
-    if name in _local:
-        return "(registered in process)"
-    return ", ".join(_dist(ep) for ep in _entry_points().get(name, ()))
-
-
 def cmd_passes(args: argparse.Namespace) -> int:
     rows, broken = [], 0
     for name in available_passes():
         try:
-            rows.append({"name": name, "origin": _origin(name), "summary": _summary(get_pass(name)), "error": None})
+            rows.append({"name": name, "origin": origin(name), "summary": _summary(get_pass(name)), "error": None})
         except LlmslimError as exc:
             broken += 1
-            rows.append({"name": name, "origin": _origin(name), "summary": None, "error": str(exc)})
+            rows.append({"name": name, "origin": origin(name), "summary": None, "error": str(exc)})
     if args.json:
         print(json.dumps(rows, indent=2))
     elif not rows:
