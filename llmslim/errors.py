@@ -25,6 +25,8 @@ __all__ = [
     "PassError",
     "CalibrationError",
     "CheckpointError",
+    "FetchError",
+    "MissingDependencyError",
 ]
 
 
@@ -54,6 +56,14 @@ class CalibrationError(LlmslimError, RuntimeError):
 
 class CheckpointError(LlmslimError, OSError):
     """A checkpoint is missing, corrupted, from an unknown format version or unsafe."""
+
+
+class FetchError(LlmslimError, OSError):
+    """A model or data file could not be fetched, or failed its checksum."""
+
+
+class MissingDependencyError(LlmslimError, ImportError):
+    """An optional dependency a feature needs is not installed; the message says which extra."""
 
 
 class PassError(LlmslimError, RuntimeError):

@@ -16,6 +16,8 @@ from llmslim import errors
         (errors.PassError, RuntimeError),
         (errors.CalibrationError, RuntimeError),
         (errors.CheckpointError, OSError),
+        (errors.FetchError, OSError),
+        (errors.MissingDependencyError, ImportError),
     ],
 )
 def test_flat_tree_with_builtins(cls, builtin) -> None:
