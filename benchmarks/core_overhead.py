@@ -1,6 +1,6 @@
 """What the core costs: import time, plan check, rollback journal (vs copying the whole model).
 
-Run:  python benchmarks/core_overhead.py [--quick]
+Run:  python benchmarks/core_overhead.py [--quick]; then python benchmarks/render_docs.py
 Prints a table and writes benchmarks/results/core_overhead[-quick].json.
 
 The model is a LLaMA-shaped stack of nn.Linear layers with SmolLM2-135M's shapes (30 blocks,
@@ -13,9 +13,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import json
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -25,12 +22,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-import llmslim as ls
-from llmslim._rollback import Journal
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-RESULTS = Path(__file__).parent / "results"
-DOCS = Path(__file__).parent.parent / "docs" / "benchmarks.md"
-BEGIN, END = "<!-- core_overhead:begin -->", "<!-- core_overhead:end -->"
+import llmslim as ls  # noqa: E402
+from _common import machine_line, median_time, print_table, table, write_result  # noqa: E402
+from llmslim._rollback import Journal  # noqa: E402
 
 
 class Block(nn.Module):
@@ -85,15 +81,6 @@ class Tagged(ls.PassBase):
         return self.report(modified=False)
 
 
-def median_time(fn, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
 def import_cost(repeat: int) -> float:
     code = "import time, torch; t = time.perf_counter(); import llmslim; print(time.perf_counter() - t)"
     runs = [float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout) for _ in range(repeat)]
@@ -110,41 +97,16 @@ def failing_run(model: nn.Module, p: ls.PassBase) -> tuple[float, int]:
     return time.perf_counter() - t, ctx.rollback_bytes
 
 
-def machine() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
-    return {"cpu": cpu, "threads": torch.get_num_threads(), "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__, "llmslim": ls.__version__}
-
-
 def render_markdown(payload: dict) -> str:
-    """The docs table for one result file (docs/benchmarks.md holds exactly this)."""
-    m = payload["machine"]
-    lines = [
-        f"Measured on {m['cpu']}, {m['threads']} threads, torch {m['torch']}, "
-        f"{payload['settings']['blocks']} blocks (`benchmarks/results/core_overhead.json`).",
-        "",
-        "| measure | value |",
-        "|---|---:|",
-    ]
-    lines += [f"| {k} | {v:.3f} |" for k, v in payload["results"].items()]
-    return "\n".join(lines)
-
-
-def write_docs(payload: dict) -> None:
-    """Replace the table between the markers in docs/benchmarks.md."""
-    text = DOCS.read_text(encoding="utf-8")
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    DOCS.write_text(f"{head}{BEGIN}\n{render_markdown(payload)}\n{END}{tail}", encoding="utf-8")
+    """The docs block for one result file."""
+    rows = [[k, v] for k, v in payload["results"].items()]
+    return f"{machine_line(payload)} {payload['settings']['blocks']} blocks.\n\n" + table(["measure", "value"], rows)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="4 blocks instead of 30, fewer repeats")
-    parser.add_argument("--write-docs", action="store_true", help="render the full run's JSON into docs/benchmarks.md and exit")
     args = parser.parse_args()
-    if args.write_docs:
-        write_docs(json.loads((RESULTS / "core_overhead.json").read_text()))
-        return
     n_layers, repeat = (4, 3) if args.quick else (30, 5)
 
     torch.manual_seed(0)
@@ -155,9 +117,9 @@ def main() -> None:
     chain = ls.PassManager([Tagged(name=f"p{i}") for i in range(13)])
     rows = {
         "import llmslim after torch (s)": import_cost(repeat),
-        "plan check, 13 passes (ms)": median_time(chain.check, 200) * 1e3,
-        "journal snapshot, whole model (ms)": median_time(lambda: Journal(model), repeat) * 1e3,
-        "deepcopy of the model (ms)": median_time(lambda: copy.deepcopy(model), repeat) * 1e3,
+        "plan check, 13 passes (ms)": median_time(chain.check, repeat=200) * 1e3,
+        "journal snapshot, whole model (ms)": median_time(lambda: Journal(model), repeat=repeat) * 1e3,
+        "deepcopy of the model (ms)": median_time(lambda: copy.deepcopy(model), repeat=repeat) * 1e3,
     }
     swap_s, swap_bytes = failing_run(model, SwapModules())
     inplace_s, inplace_bytes = failing_run(model, ScaleInPlace())
@@ -171,18 +133,8 @@ def main() -> None:
             "model size (MiB)": model_mb,
         }
     )
-    width = max(map(len, rows))
-    print(f"core overhead on a LLaMA-shaped model, {n_layers} blocks, {model_mb:.0f} MiB float32")
-    for k, v in rows.items():
-        print(f"{k.ljust(width)}  {v:10.3f}")
-
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"core_overhead{'-quick' if args.quick else ''}.json"
-    payload = {"benchmark": "core_overhead", "machine": machine(), "settings": {"blocks": n_layers, "repeat": repeat}, "results": rows}
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, out)
-    print(f"wrote {out}")
+    print_table(f"core overhead, LLaMA-shaped model, {n_layers} blocks, {model_mb:.0f} MiB float32", ["measure", "value"], [[k, v] for k, v in rows.items()])
+    print(f"wrote {write_result('core_overhead', {'blocks': n_layers, 'repeat': repeat}, rows, quick=args.quick)}")
 
 
 if __name__ == "__main__":
