@@ -42,11 +42,12 @@ __all__ = [
     "register",
     "replace_module_",
     "select",
+    "testing",
     "to_spec",
 ]
 
 # Subpackages that pull in optional or heavy dependencies load on first attribute access.
-_LAZY: set[str] = set()
+_LAZY = {"testing"}
 
 
 def __getattr__(name: str) -> Any:

@@ -63,6 +63,12 @@ def pass_name(p: Any) -> str:
     return registered_name(type(p)) or type(p).__name__
 
 
+_RESERVED = frozenset(
+    {"label", "select", "modules", "measure", "row", "report", "apply", "step", "finalize", "to_spec", "validate",
+     "requires", "produces", "rejects_after", "accepts", "edits_in_place"}
+)
+
+
 @dataclasses.dataclass
 class PassBase:
     """Dataclass convenience base for passes: targets, ignore, name, checks and spec round-trip.
@@ -114,6 +120,14 @@ class PassBase:
     accepts: ClassVar[tuple[str, ...]] = ()
     edits_in_place: ClassVar[bool] = False
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        clash = sorted(set(cls.__dict__.get("__annotations__", {})) & _RESERVED)
+        if clash:
+            raise ConfigError(
+                f"{cls.__name__}: field name(s) {clash} must not shadow PassBase attributes; choose other names"
+            )
+
     def __post_init__(self) -> None:
         owner = self.label
         for field in ("targets", "ignore"):
@@ -124,7 +138,7 @@ class PassBase:
                 raise ConfigError(f"{owner}: {field} must be a sequence of targets (got {value!r})")
             for t in value:
                 if not (isinstance(t, str) or callable(t)):
-                    raise ConfigError(f"{owner}: {field} must hold strings, module types or predicates (got {t!r})")
+                    raise ConfigError(f"{owner}: {field} must be strings, module types or predicates (got {t!r})")
             object.__setattr__(self, field, tuple(value))
         if not self.targets:
             raise ConfigError(f"{owner}: targets must not be empty (got ())")

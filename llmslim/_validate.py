@@ -74,7 +74,7 @@ def _describe(tp: Any) -> str:
     if origin is dict:
         return "a mapping"
     name = getattr(tp, "__name__", str(tp))
-    return {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false"}.get(
+    return {"int": "an integer", "float": "a number (not NaN)", "str": "a string", "bool": "true or false"}.get(
         name, f"a {name}"
     )
 
@@ -118,7 +118,7 @@ def coerce(tp: Any, value: Any) -> Any:
     if tp is int:
         return value if isinstance(value, int) and not isinstance(value, bool) else _MISMATCH
     if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
             return _MISMATCH
         return float(value)
     if tp is str:
@@ -134,7 +134,12 @@ def check_fields(obj: Any, owner: str, skip: Callable[[str], bool] = lambda name
     Raises:
         ConfigError: A field's value does not fit its annotation.
     """
-    hints = typing.get_type_hints(type(obj))
+    try:
+        hints = typing.get_type_hints(type(obj))
+    except NameError as exc:
+        raise ConfigError(
+            f"{owner}: field annotations must name module-level types so they can be checked ({exc})"
+        ) from None
     for f in dataclasses.fields(obj):
         if not f.init or skip(f.name) or f.name not in hints:
             continue

@@ -100,3 +100,13 @@ class PassError(LlmslimError, RuntimeError):
             f"pass {pass_name!r} failed in {phase}{where} "
             f"(completed before it: {after}; {state}): {type(cause).__name__}: {cause}"
         )
+
+    def __reduce__(self):  # picklable across processes: the message and attributes travel
+        return (_rebuild_pass_error, (self.args, dict(vars(self))))
+
+
+def _rebuild_pass_error(args: tuple, attrs: dict) -> PassError:
+    exc = PassError.__new__(PassError)
+    Exception.__init__(exc, *args)
+    vars(exc).update(attrs)
+    return exc

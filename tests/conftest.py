@@ -15,15 +15,10 @@ os.environ.setdefault("LLMSLIM_PROGRESS", "0")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 register_toys()
 
-try:
-    from hypothesis import HealthCheck, settings
+from llmslim.testing import register_profiles  # noqa: E402
 
-    # CI: bounded examples and no deadline (shared 2-core machines have noisy timing).
-    settings.register_profile("ci", max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-    settings.register_profile("thorough", max_examples=500, deadline=None)
-    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
-except ImportError:  # pragma: no cover
-    pass
+# "ci" (the default): bounded examples, no deadline; HYPOTHESIS_PROFILE=thorough for long runs.
+register_profiles(load=os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -42,3 +42,11 @@ def test_pass_error_message_names_pass_module_and_history() -> None:
 
 def test_ls_errors_is_the_module() -> None:
     assert ls.errors is errors
+
+
+def test_pass_error_survives_pickling() -> None:
+    import pickle
+
+    exc = errors.PassError("gptq", ValueError("boom"), module="m", completed=["a"], rolled_back=False, phase="finalize")
+    again = pickle.loads(pickle.dumps(exc))
+    assert str(again) == str(exc) and again.completed == ("a",) and again.phase == "finalize"

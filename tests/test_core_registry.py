@@ -107,9 +107,9 @@ def test_unknown_name_suggests_close_matches() -> None:
     [
         ({"sparsity": 0.5}, ConfigError, '"pass" key'),
         ({"pass": "toy-prune", "sparsity": 1.5}, ConfigError, r"sparsity must be in \[0, 1\) \(got 1.5\)"),
-        ({"pass": "toy-prune", "sparsity": "half"}, ConfigError, r"sparsity must be a number \(got 'half'\)"),
+        ({"pass": "toy-prune", "sparsity": "half"}, ConfigError, r"sparsity must be a number \(not NaN\) \(got 'half'\)"),
         ({"pass": "toy-prune", "sparsty": 0.5}, ConfigError, r"unknown field\(s\) 'sparsty'; fields are: .*sparsity"),
-        ({"pass": "toy-prune", "targets": [3]}, ConfigError, "targets must hold"),
+        ({"pass": "toy-prune", "targets": [3]}, ConfigError, "targets must be strings, module types or predicates"),
         ({"pass": "toy-prune", "fail_at": 1.5}, ConfigError, r"fail_at must be an integer or None \(got 1.5\)"),
         ({"pass": "nope"}, RegistryError, "unknown pass 'nope'"),
         (42, ConfigError, "must be a mapping"),
@@ -142,3 +142,14 @@ def test_to_spec_omits_defaults_and_refuses_code() -> None:
 
     with pytest.raises(RegistryError, match="not a registered pass"):
         Unregistered().to_spec()
+
+
+def test_field_names_may_not_shadow_passbase_and_nan_is_rejected() -> None:
+    with pytest.raises(ConfigError, match=r"field name\(s\) \['label'\] must not shadow"):
+
+        @dataclasses.dataclass
+        class Shadow(ls.PassBase):
+            label: str = "x"
+
+    with pytest.raises(ConfigError, match=r"sparsity must be a number \(not NaN\) \(got nan\)"):
+        ToyPrune(sparsity=float("nan"))

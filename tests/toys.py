@@ -78,10 +78,11 @@ class ToyHalf(ls.PassBase):
     def apply(self, model: nn.Module, ctx: ls.Context) -> ls.Report:
         rows = []
         for i, (name, module) in enumerate(self.modules(model, ctx)):
+            if not name:
+                continue  # the root cannot be swapped in place: leave a bare Linear model alone
             before = self.measure(module)
             new = HalfLinear(module)
-            if name:
-                ls.replace_module_(model, name, new)
+            ls.replace_module_(model, name, new)
             if self.fail_at is not None and i == self.fail_at:
                 raise RuntimeError(f"injected failure at module {i}")
             rows.append(self.row(name, new, before))
