@@ -111,52 +111,78 @@ def load(name_or_path: str | os.PathLike[str], *, dtype: torch.dtype = torch.flo
     return auto.from_pretrained(path, dtype=dtype).eval(), tokenizer
 
 
-def _tiny_config(arch: str, transformers: Any, **overrides: Any) -> Any:
-    common = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=128)
+def _tiny_config(arch: str, transformers: Any, d: dict[str, int], extra: dict[str, Any]) -> Any:
+    # One set of dimensions, spelled the way each architecture's config spells them; passed to
+    # the constructor so derived attributes (LLaMA's head_dim, ...) are consistent.
+    extra = {"bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0, **extra}  # token ids inside any vocabulary
+    llama_like = dict(
+        vocab_size=d["vocab"], hidden_size=d["hidden"], intermediate_size=d["intermediate"], num_hidden_layers=d["layers"],
+        num_attention_heads=d["heads"], num_key_value_heads=d["kv_heads"], max_position_embeddings=d["max_positions"],
+    )
     if arch == "llama":
-        cfg = transformers.LlamaConfig(**common, num_key_value_heads=2)
-    elif arch == "qwen2":
-        cfg = transformers.Qwen2Config(**common, num_key_value_heads=2)
-    elif arch == "mistral":
-        cfg = transformers.MistralConfig(**common, num_key_value_heads=2, sliding_window=None)
-    elif arch == "gpt2":
-        cfg = transformers.GPT2Config(vocab_size=128, n_embd=64, n_inner=128, n_layer=2, n_head=4, n_positions=128, bos_token_id=0, eos_token_id=0)
-    elif arch == "opt":
-        cfg = transformers.OPTConfig(
-            vocab_size=128, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
-            max_position_embeddings=128, word_embed_proj_dim=64,
+        return transformers.LlamaConfig(**llama_like, **extra)
+    if arch == "qwen2":
+        return transformers.Qwen2Config(**llama_like, **extra)
+    if arch == "mistral":
+        return transformers.MistralConfig(**llama_like, sliding_window=None, **extra)
+    if arch == "gpt2":
+        return transformers.GPT2Config(
+            vocab_size=d["vocab"], n_embd=d["hidden"], n_inner=d["intermediate"], n_layer=d["layers"], n_head=d["heads"],
+            n_positions=d["max_positions"], **extra,
         )
-    else:
-        cfg = transformers.BertConfig(**common)
-    for key, value in overrides.items():
-        setattr(cfg, key, value)
-    return cfg
+    if arch == "opt":
+        return transformers.OPTConfig(
+            vocab_size=d["vocab"], hidden_size=d["hidden"], ffn_dim=d["intermediate"], num_hidden_layers=d["layers"],
+            num_attention_heads=d["heads"], max_position_embeddings=d["max_positions"], word_embed_proj_dim=d["hidden"],
+            **extra,
+        )
+    return transformers.BertConfig(
+        vocab_size=d["vocab"], hidden_size=d["hidden"], intermediate_size=d["intermediate"], num_hidden_layers=d["layers"],
+        num_attention_heads=d["heads"], max_position_embeddings=d["max_positions"], **extra,
+    )
 
 
-def tiny(arch: str, *, seed: int = 0, **config: Any) -> nn.Module:
+def tiny(
+    arch: str,
+    *,
+    seed: int = 0,
+    vocab: int = 128,
+    hidden: int = 64,
+    intermediate: int = 128,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    max_positions: int = 128,
+    **config: Any,
+) -> nn.Module:
     """A small random-weight Hugging Face model of architecture ``arch``, in eval mode.
 
     Causal LMs (``llama``, ``qwen2``, ``mistral``, ``gpt2`` — whose ``Conv1D`` stores weights
-    transposed —, ``opt``) come with their LM head; ``bert`` is a plain encoder. Vocabulary 128,
-    hidden size 64, 2 layers, 4 heads (2 key/value heads where the architecture groups them).
+    transposed —, ``opt``) come with their LM head; ``bert`` is a plain encoder. ``kv_heads``
+    applies where the architecture groups key/value heads (LLaMA, Qwen2, Mistral).
 
     Args:
         arch: One of :data:`ARCHITECTURES`.
         seed: Weights are a function of the seed.
-        **config: Config attributes to override.
+        vocab, hidden, intermediate, layers, heads, kv_heads, max_positions: Dimensions, named
+            the same for every architecture.
+        **config: Other config attributes, in the architecture's own spelling.
 
     Raises:
         ConfigError: Unknown architecture.
         MissingDependencyError: transformers is not installed.
+
+    Example:
+        >>> model = tiny("gpt2", hidden=32, heads=2)
+        >>> type(model).__name__, model.config.n_embd
+        ('GPT2LMHeadModel', 32)
     """
     if arch not in ARCHITECTURES:
         raise ConfigError(f"arch must be one of {', '.join(ARCHITECTURES)} (got {arch!r})")
     transformers = _transformers()
-    cfg = _tiny_config(arch, transformers, **config)
+    dims = dict(vocab=vocab, hidden=hidden, intermediate=intermediate, layers=layers, heads=heads, kv_heads=kv_heads, max_positions=max_positions)
+    cfg = _tiny_config(arch, transformers, dims, config)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        if arch == "bert":
-            model = transformers.BertModel(cfg)
-        else:
-            model = transformers.AutoModelForCausalLM.from_config(cfg)
+        model = transformers.BertModel(cfg) if arch == "bert" else transformers.AutoModelForCausalLM.from_config(cfg)
     return model.eval()

@@ -108,7 +108,7 @@ def _tiny_folder(tmp_path):
     tk = Tokenizer(tm.WordLevel(vocab, unk_token="[UNK]"))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", eos_token="[EOS]")
-    model = models.tiny("llama", max_position_embeddings=512)
+    model = models.tiny("llama", max_positions=512, eos_token_id=1)  # the tokenizer's [EOS]
     folder = tmp_path / "tiny-llama"
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -122,7 +122,8 @@ def test_load_folder_and_eval_cli_end_to_end(tmp_path, capsys) -> None:
     assert main(["eval", "--model", str(folder), "--windows", "2", "--json", "--no-progress"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["model_bytes"] == evaluate.model_bytes(model)
-    assert 1.0 < result["perplexity"] < 1000 and result["decode_tokens_per_s"] > 0 and result["sample"]
+    assert 1.0 < result["perplexity"] < 1000 and result["decode_tokens_per_s"] > 0
+    assert isinstance(result["sample"], str)  # a random model: coherence is checked on SmolLM2 (slow)
     with pytest.raises(ConfigError, match="must be 'smollm2', 'minilm' or a folder"):
         models.load(tmp_path / "nothing-here")
 

@@ -246,26 +246,13 @@ def _hf(kind: str, g: torch.Generator, *, vocab: int = 13, heads: int = 2, kv_he
         head_dim: int = 4, hidden: int = 12, layers: int = 2, batch: int = 2, seq: int = 5) -> tuple[nn.Module, Any]:
     if not has_transformers():
         raise MissingDependencyError(f'make_model({kind!r}) needs Hugging Face transformers: pip install "llmslim[hf]"')
-    import transformers
+    from ..models import tiny
 
-    dim = heads * head_dim
-    tokens = {"bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0}  # inside even a 2-token vocabulary
-    common = {"vocab_size": vocab, "num_hidden_layers": layers, "num_attention_heads": heads, **tokens}
-    if kind == "llama":
-        config = transformers.LlamaConfig(
-            hidden_size=dim, intermediate_size=hidden, num_key_value_heads=kv_heads or heads,
-            max_position_embeddings=max(16, seq), use_cache=False, **common,
-        )
-        model = transformers.LlamaForCausalLM(config)
-    elif kind == "gpt2":
-        config = transformers.GPT2Config(
-            vocab_size=vocab, n_embd=dim, n_layer=layers, n_head=heads, n_inner=hidden,
-            n_positions=max(16, seq), use_cache=False, **tokens,
-        )
-        model = transformers.GPT2LMHeadModel(config)
-    else:
-        config = transformers.BertConfig(hidden_size=dim, intermediate_size=hidden, max_position_embeddings=max(16, seq), **common)
-        model = transformers.BertModel(config)
+    model = tiny(
+        kind, seed=int(torch.randint(0, 2**31 - 1, (1,), generator=g)), vocab=vocab, hidden=heads * head_dim,
+        intermediate=hidden, layers=layers, heads=heads, kv_heads=kv_heads or heads, max_positions=max(16, seq),
+        **({} if kind == "bert" else {"use_cache": False}),
+    )
     ids = torch.randint(0, vocab, (batch, seq), generator=g)
     return model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
