@@ -30,6 +30,7 @@ FRACTION = {"min_value": 0.0, "max_value": 1.0, "exclude_max": True}
 OVERRIDES: dict[str, dict[str, Any]] = {
     "toy-prune": {"sparsity": FRACTION, "fail_at": [None]},  # fail_at is the toy's own failure switch
     "toy-half": {"fail_at": [None]},
+    "toy-wanda": {"sparsity": FRACTION},
 }
 
 DEFAULT_KINDS: tuple[str, ...] = ("mlp", "convnet", "attention", "mha", *(HF_KINDS if has_transformers() else ()))
@@ -37,6 +38,8 @@ DEFAULT_KINDS: tuple[str, ...] = ("mlp", "convnet", "attention", "mha", *(HF_KIN
 KINDS: dict[str, tuple[str, ...]] = {
     # swaps nn.MultiheadAttention.out_proj for a module without .weight, which MHA reads directly
     "toy-half": tuple(k for k in DEFAULT_KINDS if k != "mha"),
+    # nn.MultiheadAttention reads out_proj.weight without calling out_proj: no input statistics
+    "toy-wanda": tuple(k for k in DEFAULT_KINDS if k != "mha"),
 }
 
 # pass name -> {check: reason} handed to check_pass

@@ -89,7 +89,45 @@ class ToyHalf(ls.PassBase):
         return self.report(rows)
 
 
-TOYS = {"toy-prune": ToyPrune, "toy-half": ToyHalf}
+@dataclasses.dataclass
+class ToyWanda(ls.PassBase):
+    """Zero the lowest |w| x ||x_j|| fraction of each row, from calibration statistics (test toy)."""
+
+    sparsity: float = 0.5
+
+    requires = frozenset({"calibration"})
+    produces = frozenset({"masks"})
+    rejects_after = {"packed": "weights are packed; prune before quantizing"}
+    accepts = ("Linear", "Conv1D", "Conv2d")
+    edits_in_place = True
+
+    def validate(self) -> None:
+        check_range(self.label, "sparsity", self.sparsity, 0.0, 1.0, hi_open=True)
+
+    def statistics(self, name: str, module: nn.Module) -> set[str]:
+        return {"sqsum"}
+
+    def solve(self, name: str, module: nn.Module, stats, ctx: ls.Context) -> ls.ModuleRow:
+        start, before = time.perf_counter(), self.measure(module)
+        transposed = type(module).__name__ == "Conv1D"  # GPT-2 stores [in, out]
+        w = module.weight.T if transposed else module.weight.reshape(module.weight.shape[0], -1)
+        score = w.detach().abs() * stats.channel_norms()[None, :]
+        k = int(self.sparsity * w.shape[1])
+        with torch.no_grad():
+            if k:
+                drop = score.argsort(dim=1, stable=True)[:, :k]
+                mask = torch.ones_like(w, dtype=torch.bool).scatter_(1, drop, False)
+                module.weight.mul_((mask.T if transposed else mask.reshape(module.weight.shape)).to(w.dtype))
+        return self.row(name, module, before, started=start)
+
+    def apply(self, model: nn.Module, ctx: ls.Context) -> ls.Report:
+        from llmslim.calibration import calibrate
+
+        result = calibrate(model, ctx, [self], desc=self.label)
+        return self.report(result.rows[0], notes=result.notes())
+
+
+TOYS = {"toy-prune": ToyPrune, "toy-half": ToyHalf, "toy-wanda": ToyWanda}
 
 
 def register_toys() -> None:
