@@ -13,6 +13,7 @@ from typing import Any
 from torch import nn
 
 from ._context import Context
+from .calibration._pass import Sweep, sweeps
 from ._measure import count_params, model_bytes
 from ._pass import pass_name
 from ._recipe import read_recipe, write_recipe
@@ -108,8 +109,9 @@ class PassManager:
         start = time.perf_counter()
         self.check(ctx)
         children: list[Report] = []
-        for p in self.passes:
-            children.append(self._run(p, "apply", model, ctx, [c.name for c in children]))
+        for unit in sweeps(self.passes):  # consecutive calibration passes share one sweep
+            report = self._run(unit, "apply", model, ctx, [c.name for c in children])
+            children.extend(_spliced(report) if isinstance(unit, Sweep) else [report])
         return _root(self.name, children, start)
 
     def step(self, model: nn.Module, ctx: Context) -> None:
@@ -160,7 +162,8 @@ class PassManager:
                     log.exception("%s: rollback failed", label)
             if not isinstance(exc, Exception):
                 raise  # KeyboardInterrupt and friends: model restored, error unchanged
-            raise PassError(label, exc, module=ctx.module, completed=done, rolled_back=rolled_back, phase=phase) from exc
+            # the name now: a shared sweep names the pass that was solving
+            raise PassError(pass_name(p), exc, module=ctx.module, completed=done, rolled_back=rolled_back, phase=phase) from exc
         finally:
             ctx.journal = None
         if report is None:
@@ -201,6 +204,12 @@ class PassManager:
     def save_recipe(self, path: str | os.PathLike[str]) -> Path:
         """Write :meth:`to_recipe` to a ``.json`` or ``.toml`` file atomically."""
         return write_recipe(self.to_recipe(), path)
+
+
+def _spliced(report: Report) -> list[Report]:
+    # A shared sweep's passes are reported one by one, each with the sweep's whole-model totals.
+    totals = {k: getattr(report, k) for k in ("seconds", "bytes_before", "bytes_after", "params_before", "params_after")}
+    return [dataclasses.replace(child, **totals) for child in report.children]
 
 
 def _root(name: str, children: list[Report], start: float) -> Report:

@@ -122,7 +122,8 @@ class PassBase:
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        clash = sorted(set(cls.__dict__.get("__annotations__", {})) & _RESERVED)
+        annotations = cls.__dict__.get("__annotations__", {})
+        clash = sorted(n for n in set(annotations) & _RESERVED if "ClassVar" not in str(annotations[n]))
         if clash:
             raise ConfigError(
                 f"{cls.__name__}: field name(s) {clash} must not shadow PassBase attributes; choose other names"

@@ -249,3 +249,39 @@ def test_two_gloo_ranks_match_one_process(tmp_path) -> None:
             torch.testing.assert_close(got["stats"][name][kind], stats[kind], rtol=1e-9, atol=1e-9)
     for key, value in model.state_dict().items():
         assert torch.equal(got["state"][key], value), key
+
+
+def test_consecutive_calibration_passes_share_one_sweep(monkeypatch) -> None:
+    from llmslim.calibration import _engine
+
+    captures = []
+    real = _engine.capture_inputs
+    monkeypatch.setattr(_engine, "capture_inputs", lambda *a, **k: captures.append(1) or real(*a, **k))
+    model = models.tiny("llama")
+    first, second = ToyWanda(sparsity=0.25, ignore=("lm_head",), name="a"), ToyWanda(sparsity=0.5, ignore=("lm_head",), name="b")
+    report = ls.compress_(model, first, second, calibration=_batches(), progress=False)
+    assert len(captures) == 1  # one capture, one visit per block
+    assert [c.name for c in report.children] == ["a", "b"]
+    assert all("shared calibration sweep: a, b" in c.notes for c in report.children)
+    assert all(r.sparsity >= 0.5 for r in report.children[1].rows)
+    captures.clear()
+    ls.compress_(models.tiny("llama"), first, ToyWanda(ignore=("lm_head",), propagate="original"), calibration=_batches(), progress=False)
+    assert len(captures) == 2  # different sweep settings: two sweeps
+
+
+def test_a_failure_in_a_shared_sweep_names_the_pass_and_rolls_back() -> None:
+    @dataclasses.dataclass
+    class Breaks(ToyWanda):
+        def solve(self, name, module, stats, ctx):
+            if name.endswith("layers.1.mlp.up_proj"):
+                raise RuntimeError("singular Hessian")
+            return super().solve(name, module, stats, ctx)
+
+    model = models.tiny("llama")
+    before = snapshot(model)
+    with pytest.raises(PassError) as info:
+        ls.compress_(model, ToyWanda(ignore=("lm_head",), name="a"), Breaks(ignore=("lm_head",), name="b"),
+                     calibration=_batches(), progress=False)
+    msg = str(info.value)
+    assert "pass \"b (shared calibration sweep with 'a')\"" in msg and "'model.layers.1.mlp.up_proj'" in msg
+    assert same(snapshot(model), before)  # the whole sweep is one step: both passes undone

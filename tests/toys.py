@@ -17,6 +17,7 @@ from torch import nn
 
 import llmslim as ls
 from llmslim._validate import check_range
+from llmslim.calibration import CalibrationPass
 
 
 class HalfLinear(nn.Module):
@@ -90,12 +91,11 @@ class ToyHalf(ls.PassBase):
 
 
 @dataclasses.dataclass
-class ToyWanda(ls.PassBase):
+class ToyWanda(CalibrationPass):
     """Zero the lowest |w| x ||x_j|| fraction of each row, from calibration statistics (test toy)."""
 
     sparsity: float = 0.5
 
-    requires = frozenset({"calibration"})
     produces = frozenset({"masks"})
     rejects_after = {"packed": "weights are packed; prune before quantizing"}
     accepts = ("Linear", "Conv1D", "Conv2d")
@@ -119,12 +119,6 @@ class ToyWanda(ls.PassBase):
                 mask = torch.ones_like(w, dtype=torch.bool).scatter_(1, drop, False)
                 module.weight.mul_((mask.T if transposed else mask.reshape(module.weight.shape)).to(w.dtype))
         return self.row(name, module, before, started=start)
-
-    def apply(self, model: nn.Module, ctx: ls.Context) -> ls.Report:
-        from llmslim.calibration import calibrate
-
-        result = calibrate(model, ctx, [self], desc=self.label)
-        return self.report(result.rows[0], notes=result.notes())
 
 
 TOYS = {"toy-prune": ToyPrune, "toy-half": ToyHalf, "toy-wanda": ToyWanda}

@@ -13,13 +13,16 @@ from ._capture import BlockInput, capture_inputs
 from ._dist import shard, world
 from ._engine import CalibrationResult, Solver, calibrate
 from ._memory import PeakMemory, rss_bytes
+from ._pass import CalibrationPass, Sweep
 from ._stats import STAT_KINDS, InputStats, input_width, layer_input
 from ._weights import ShardedWeights
 
 __all__ = [
     "STAT_KINDS",
     "BlockInput",
+    "CalibrationPass",
     "CalibrationResult",
+    "Sweep",
     "InputStats",
     "PeakMemory",
     "ShardedWeights",
