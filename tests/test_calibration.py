@@ -285,3 +285,18 @@ def test_a_failure_in_a_shared_sweep_names_the_pass_and_rolls_back() -> None:
     msg = str(info.value)
     assert "pass \"b (shared calibration sweep with 'a')\"" in msg and "'model.layers.1.mlp.up_proj'" in msg
     assert same(snapshot(model), before)  # the whole sweep is one step: both passes undone
+
+
+def test_torchrun_example_gives_the_same_statistics_on_two_ranks() -> None:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = str(Path(__file__).resolve().parent.parent / "examples" / "calibrate_distributed.py")
+    one = subprocess.run([sys.executable, script], capture_output=True, text=True, check=True).stdout
+    two = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script],
+        capture_output=True, text=True, check=True, env={**__import__("os").environ, "LLMSLIM_PROGRESS": "0"},
+    ).stdout
+    assert "ranks: 1;" in one and "ranks: 2;" in two and "8 batches over 2 ranks" in two
+    assert one.split("sum of channel norms: ")[1].split()[0] == two.split("sum of channel norms: ")[1].split()[0]

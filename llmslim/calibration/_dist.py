@@ -11,7 +11,7 @@ import torch.distributed as dist
 from ..errors import CalibrationError
 from ._stats import InputStats
 
-__all__ = ["world", "shard", "all_reduce_"]
+__all__ = ["world", "shard", "all_reduce_", "global_sum"]
 
 T = TypeVar("T")
 
@@ -30,6 +30,15 @@ def shard(batches: Sequence[T]) -> list[T]:
     if not mine:
         raise CalibrationError(f"rank {rank} of {size} gets no calibration batch ({len(batches)} batches for {size} ranks)")
     return mine
+
+
+def global_sum(value: int) -> int:
+    """``value`` summed over ranks (itself without ``torch.distributed``)."""
+    if world()[1] == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t)
+    return int(t.item())
 
 
 def all_reduce_(stats: dict[str, InputStats]) -> None:

@@ -16,7 +16,7 @@ from .._report import ModuleRow
 from ..errors import CalibrationError
 from ._blocks import find_blocks
 from ._capture import BlockInput, capture_inputs, first_tensor, replace_hidden, to_device, token_mask, without_cache
-from ._dist import all_reduce_, shard
+from ._dist import all_reduce_, global_sum, shard, world
 from ._memory import PeakMemory
 from ._stats import InputStats, input_width, layer_input
 from ._weights import ShardedWeights
@@ -54,8 +54,9 @@ class CalibrationResult:
 
     rows: tuple[tuple[ModuleRow, ...], ...]
     blocks: int
-    batches: int
-    tokens: int
+    batches: int  # over all ranks
+    tokens: int  # over all ranks
+    ranks: int
     seconds: float
     peak_rss_growth: int
     peak_cuda: int | None
@@ -64,7 +65,8 @@ class CalibrationResult:
         """One line for a Report's notes."""
         cuda = f", peak CUDA {self.peak_cuda / 2**20:.0f} MiB" if self.peak_cuda is not None else ""
         return (
-            f"calibration: {self.blocks} blocks, {self.batches} batches, {self.tokens:,} tokens per layer, "
+            f"calibration: {self.blocks} blocks, {self.batches} batches"
+            f"{f' over {self.ranks} ranks' if self.ranks > 1 else ''}, {self.tokens:,} tokens per layer, "
             f"{self.seconds:.1f}s, peak RSS growth {self.peak_rss_growth / 2**20:.0f} MiB{cuda}",
         )
 
@@ -222,7 +224,7 @@ def calibrate(
     index = {id(s): k for k, s in enumerate(solvers)}
     with PeakMemory() as peak:
         inputs = capture_inputs(model, block_list[0][1], batches, ctx, store=store)
-        tokens = sum(int(inp.mask.sum()) if inp.mask is not None else first_tensor((inp.hidden,)).shape[:-1].numel() for inp in inputs)
+        tokens = global_sum(sum(int(inp.mask.sum()) if inp.mask is not None else inp.hidden.shape[:-1].numel() for inp in inputs))
         for i, (bname, block) in enumerate(ctx.progress_bar(block_list, desc=desc, total=len(block_list))):
             if weights is not None:
                 weights.load_(block, f"{bname}." if bname else "", device)
@@ -259,7 +261,7 @@ def calibrate(
         if outside:
             _solve_outside(model, outside, batches, ctx, device, rows, index)
     return CalibrationResult(
-        rows=tuple(tuple(r) for r in rows), blocks=len(block_list), batches=len(batches), tokens=tokens,
+        rows=tuple(tuple(r) for r in rows), blocks=len(block_list), batches=len(ctx.calibration), tokens=tokens, ranks=world()[1],
         seconds=time.perf_counter() - start, peak_rss_growth=peak.rss_growth, peak_cuda=peak.cuda_peak,
     )
 
