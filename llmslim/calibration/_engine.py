@@ -216,14 +216,15 @@ def calibrate(
             "ignore it when calibrating from weights on disk"
         )
     batches = shard(ctx.calibration)
-    if weights is not None:
-        _load_outside_blocks(model, block_list, weights)
+    loaded = _load_outside_blocks(model, block_list, weights) if weights is not None else []
     device = ctx.device or _device_of(block_list[0][1])
     store = torch.device("cpu") if offload else device
     rows: list[list[ModuleRow]] = [[] for _ in solvers]
     index = {id(s): k for k, s in enumerate(solvers)}
     with PeakMemory() as peak:
         inputs = capture_inputs(model, block_list[0][1], batches, ctx, store=store)
+        for module in loaded:  # the embeddings etc. are not needed again: free them now
+            weights.release_(module)
         tokens = global_sum(sum(int(inp.mask.sum()) if inp.mask is not None else inp.hidden.shape[:-1].numel() for inp in inputs))
         for i, (bname, block) in enumerate(ctx.progress_bar(block_list, desc=desc, total=len(block_list))):
             if weights is not None:
@@ -293,11 +294,14 @@ def _solve_outside(model: nn.Module, items: list[Item], batches: list[Any], ctx:
         _solve(groups, stats, ctx, rows, index)
 
 
-def _load_outside_blocks(model: nn.Module, block_list: list[tuple[str, nn.Module]], weights: ShardedWeights) -> None:
+def _load_outside_blocks(model: nn.Module, block_list: list[tuple[str, nn.Module]], weights: ShardedWeights) -> list[nn.Module]:
     inside = {id(m) for _, b in block_list for m in b.modules()}
+    loaded = []
     for name, module in model.named_modules():
         if id(module) in inside:
             continue
         if any(t.device.type == "meta" for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]):
             # tensors not in the checkpoint (tied heads, modules after the blocks) are never run here
             weights.load_(module, f"{name}." if name else "", "cpu", recurse=False, strict=False)
+            loaded.append(module)
+    return loaded

@@ -14,6 +14,11 @@ from ..errors import CalibrationError
 __all__ = ["ShardedWeights"]
 
 
+def _is_loaded(module: nn.Module, key: str, weights: "ShardedWeights") -> bool:
+    # A tensor came from the checkpoint when this module's tensor of that name was loaded.
+    return (id(module), key) in weights._loaded
+
+
 class ShardedWeights:
     """Tensors of a checkpoint folder (``*.safetensors``, optionally with an index), read lazily.
 
@@ -55,6 +60,7 @@ class ShardedWeights:
         from safetensors import safe_open
 
         self._handles = {f: safe_open(str(f), framework="pt") for f in files}
+        self._loaded: set[tuple[int, str]] = set()
         self._where = {key: f for f, h in self._handles.items() for key in h.keys()}
 
     def __contains__(self, key: str) -> bool:
@@ -85,12 +91,14 @@ class ShardedWeights:
             for key, p in list(sub._parameters.items()):
                 if p is not None and (strict or base + key in self._where):
                     sub._parameters[key] = nn.Parameter(self._tensor(base + key, p, device), requires_grad=p.requires_grad)
+                    self._loaded.add((id(sub), key))
             for key, b in list(sub._buffers.items()):
                 if b is None:
                     continue
                 full = base + key
                 if full in self._where:
                     sub._buffers[key] = self._tensor(full, b, device)
+                    self._loaded.add((id(sub), key))
                 elif b.device.type == "meta" and strict:
                     raise CalibrationError(
                         f"buffer {full!r} is on the meta device and not in the checkpoint: build the modules outside "
@@ -107,7 +115,14 @@ class ShardedWeights:
             raise CalibrationError(f"tensor {key!r} has shape {tuple(t.shape)} in the checkpoint, the model expects {tuple(like.shape)}")
         return t.to(device=device, dtype=like.dtype)
 
-    @staticmethod
-    def release_(module: nn.Module) -> None:
-        """Drop ``module``'s tensors back to ``meta`` (frees their memory)."""
-        module.to("meta")
+    def release_(self, module: nn.Module) -> None:
+        """Drop ``module``'s checkpoint tensors back to ``meta`` (frees their memory).
+
+        Tensors the checkpoint does not hold (non-persistent buffers built on a real device)
+        stay, so the module can be loaded and run again.
+        """
+        for sub in module.modules():
+            for store in (sub._parameters, sub._buffers):
+                for key, t in list(store.items()):
+                    if t is not None and t.device.type != "meta" and _is_loaded(sub, key, self):
+                        store[key] = t.to("meta") if not isinstance(t, nn.Parameter) else nn.Parameter(t.to("meta"), requires_grad=t.requires_grad)
