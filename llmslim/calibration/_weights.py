@@ -13,6 +13,12 @@ from ..errors import CalibrationError
 
 __all__ = ["ShardedWeights"]
 
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
+    "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
 
 def _is_loaded(module: nn.Module, key: str, weights: "ShardedWeights") -> bool:
     # A tensor came from the checkpoint when this module's tensor of that name was loaded.
@@ -57,20 +63,46 @@ class ShardedWeights:
             files = sorted(path.glob("*.safetensors"))
         if not files:
             raise CalibrationError(f"no .safetensors file at {str(path)!r}")
-        from safetensors import safe_open
-
-        self._handles = {f: safe_open(str(f), framework="pt") for f in files}
+        self._index: dict[str, tuple[Path, int, str, tuple[int, ...], int, int]] = {}
+        for f in files:
+            self._read_header(f)
+        self._where = {key: entry[0] for key, entry in self._index.items()}
         self._loaded: set[tuple[int, str]] = set()
-        self._where = {key: f for f, h in self._handles.items() for key in h.keys()}
+
+    def _read_header(self, path: Path) -> None:
+        # The safetensors layout: an 8-byte little-endian header length, a JSON header
+        # {name: {dtype, shape, data_offsets}}, then the raw bytes. Reading with plain file reads
+        # (no mmap) keeps resident memory to the tensors actually copied out.
+        try:
+            with path.open("rb") as fh:
+                size = int.from_bytes(fh.read(8), "little")
+                header = json.loads(fh.read(size))
+        except (OSError, ValueError) as exc:
+            raise CalibrationError(f"{str(path)!r} is not a readable safetensors file ({exc})") from None
+        for key, meta in header.items():
+            if key == "__metadata__":
+                continue
+            if meta["dtype"] not in _DTYPES:
+                raise CalibrationError(f"tensor {key!r} in {path.name} has unsupported dtype {meta['dtype']!r}")
+            begin, end = meta["data_offsets"]
+            self._index[key] = (path, 8 + size, meta["dtype"], tuple(meta["shape"]), begin, end)
 
     def __contains__(self, key: str) -> bool:
         return key in self._where
 
     def get(self, key: str) -> torch.Tensor:
-        """One tensor by its state-dict name."""
-        if key not in self._where:
+        """One tensor by its state-dict name, read into fresh memory."""
+        if key not in self._index:
             raise CalibrationError(f"tensor {key!r} is not in the checkpoint")
-        return self._handles[self._where[key]].get_tensor(key)
+        path, base, dtype, shape, begin, end = self._index[key]
+        buf = bytearray(end - begin)
+        with path.open("rb") as fh:
+            fh.seek(base + begin)
+            if fh.readinto(buf) != len(buf):
+                raise CalibrationError(f"tensor {key!r} is truncated in {path.name}")
+        if not buf:
+            return torch.empty(shape, dtype=_DTYPES[dtype])
+        return torch.frombuffer(buf, dtype=_DTYPES[dtype]).reshape(shape)
 
     def load_(self, module: nn.Module, prefix: str, device: torch.device | str, *, recurse: bool = True, strict: bool = True) -> None:
         """Give ``module``'s parameters and persistent buffers their values from the checkpoint.
