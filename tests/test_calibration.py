@@ -8,6 +8,7 @@ from torch import nn
 
 import llmslim as ls
 from llmslim import calibration as C
+from llmslim.calibration import CalibrationPass
 from llmslim.errors import CalibrationError, PassError
 from models import same, snapshot
 from toys import ToyWanda
@@ -300,3 +301,33 @@ def test_torchrun_example_gives_the_same_statistics_on_two_ranks() -> None:
     ).stdout
     assert "ranks: 1;" in one and "ranks: 2;" in two and "8 batches over 2 ranks" in two
     assert one.split("sum of channel norms: ")[1].split()[0] == two.split("sum of channel norms: ")[1].split()[0]
+
+
+def test_an_edit_through_data_is_still_propagated() -> None:
+    @dataclasses.dataclass
+    class Sneaky(ToyWanda):
+        def solve(self, name, module, stats, ctx):
+            module.weight.data.mul_(0.5)  # bumps no version counter
+            return None
+
+    model, batches = models.tiny("llama"), _batches()
+    reference = models.tiny("llama")
+    with torch.no_grad():
+        for n, m in reference.named_modules():
+            if n.startswith("model.layers.0.") and isinstance(m, nn.Linear):
+                m.weight.mul_(0.5)
+    seen = {}
+
+    @dataclasses.dataclass
+    class Rec(CalibrationPass):
+        def statistics(self, name, module):
+            return {"xtx"}
+
+        def solve(self, name, module, stats, ctx):
+            seen[name] = stats.xtx.clone()
+
+    q = "model.layers.1.self_attn.q_proj"
+    report = ls.compress_(model, Sneaky(targets=("model.layers.0.*",)), Rec(targets=(q,)), calibration=batches, progress=False)
+    assert "shared calibration sweep" in report.children[0].notes[-1]  # one sweep: block 0 edited, then reused
+    sums, _ = _direct(reference, batches, [q], mask_padding=False)
+    torch.testing.assert_close(seen[q], sums[q], rtol=1e-4, atol=1e-4)

@@ -71,6 +71,18 @@ class CalibrationResult:
         )
 
 
+def _checksum(t: torch.Tensor) -> int:
+    raw = t.detach().contiguous().view(-1).view(torch.uint8)
+    return int(raw.sum(dtype=torch.int64)) + 257 * int(raw[::7].sum(dtype=torch.int64))
+
+
+def _fingerprint(block: nn.Module) -> list[tuple[int, int, int]]:
+    # Identity, storage and a checksum of the raw bits of every tensor: a swap, a .data
+    # assignment or an in-place edit (even through .data, which bumps no version counter)
+    # changes it.
+    return [(id(t), t.data_ptr(), _checksum(t)) for t in [*block.parameters(), *block.buffers()]]
+
+
 def _block_of(name: str, blocks: list[tuple[str, nn.Module]]) -> int | None:
     for i, (bname, _) in enumerate(blocks):
         if not bname or name == bname or name.startswith(bname + "."):
@@ -232,6 +244,8 @@ def calibrate(
             home = _device_of(block)
             block.to(device)
             outputs = None
+            fresh: list[torch.Tensor] | None = None  # outputs of a forward no solve has changed since
+            fingerprint = _fingerprint(block)
             for solver in solvers:
                 items = [item for item in work[i] if item[0] is solver]
                 if not items:
@@ -239,16 +253,17 @@ def calibrate(
                 groups = _input_groups(block, items, inputs[0], device)
                 # true-sequential: one input group at a time, each seeing the ones before compressed
                 for batch_of_groups in ([g] for g in groups) if getattr(solver, "sequential", False) else [groups]:
-                    keep = propagate == "original" and outputs is None
+                    def run(set_mask: Callable[[torch.Tensor | None], None]) -> list[torch.Tensor] | None:
+                        return _run_block(block, inputs, device, keep=True, store=store, on_batch=lambda inp: set_mask(inp.mask))
 
-                    def run(set_mask: Callable[[torch.Tensor | None], None], _keep: bool = keep) -> list[torch.Tensor] | None:
-                        return _run_block(block, inputs, device, keep=_keep, store=store, on_batch=lambda inp: set_mask(inp.mask))
-
-                    stats, outs = _collect(batch_of_groups, run, device)
-                    outputs = outs if keep else outputs
+                    stats, fresh = _collect(batch_of_groups, run, device)
+                    if propagate == "original" and outputs is None:
+                        outputs = fresh
                     _solve(batch_of_groups, stats, ctx, rows, index)
+                    if _fingerprint(block) != fingerprint:
+                        fresh, fingerprint = None, _fingerprint(block)
             if outputs is None:
-                outputs = _run_block(block, inputs, device, keep=True, store=store)
+                outputs = fresh if fresh is not None else _run_block(block, inputs, device, keep=True, store=store)
             for out in outputs:
                 if not torch.isfinite(out).all():
                     raise CalibrationError(f"block {bname!r}: its outputs contain NaN or Inf")

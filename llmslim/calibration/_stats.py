@@ -76,9 +76,9 @@ class InputStats:
         x = rows.detach().float()
         self.n += x.shape[0]
         if self.xtx is not None:
-            self.xtx += (x.T @ x).double()
+            self.xtx.add_(x.T @ x)  # float32 product, float64 running sum
         if self.sqsum is not None:
-            self.sqsum += x.square().sum(0).double()
+            self.sqsum.add_(x.square().sum(0))
         if self.absmax is not None and x.shape[0]:
             torch.maximum(self.absmax, x.abs().amax(0), out=self.absmax)
 
