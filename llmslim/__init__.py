@@ -39,6 +39,7 @@ __all__ = [
     "get_pass",
     "model_bytes",
     "pass_name",
+    "prune",
     "register",
     "replace_module_",
     "select",
@@ -47,7 +48,7 @@ __all__ = [
 ]
 
 # Subpackages that pull in optional or heavy dependencies load on first attribute access.
-_LAZY = {"testing"}
+_LAZY = {"testing", "prune"}
 
 
 def __getattr__(name: str) -> Any:

@@ -31,6 +31,9 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "toy-prune": {"sparsity": FRACTION, "fail_at": [None]},  # fail_at is the toy's own failure switch
     "toy-half": {"fail_at": [None]},
     "toy-wanda": {"sparsity": FRACTION},
+    # generated layer sizes (7, 13, 33 ...) rarely split into groups of M: keep the remainder dense
+    # rather than fail (the "error" policy has its own tests in tests/test_prune_magnitude.py)
+    "magnitude": {"remainder": ["dense"]},
 }
 
 DEFAULT_KINDS: tuple[str, ...] = ("mlp", "convnet", "attention", "mha", *(HF_KINDS if has_transformers() else ()))

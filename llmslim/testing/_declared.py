@@ -13,7 +13,8 @@ Known properties (later pass families register more with :func:`register_propert
 * ``sparsity`` (float): every module in the report's rows has measured sparsity at least the
   value, less one weight row's share (``rows / numel``, the rounding slack of per-row pruning);
 * ``pattern`` (``"N:M"``): in every full group of M consecutive weights along the input
-  dimension (the weight flattened to ``(out, -1)``) at least ``M - N`` are zero;
+  dimension (the weight flattened to ``(out, -1)``; Hugging Face ``Conv1D``'s transposed) at
+  least ``M - N`` are zero;
 * ``bits`` (number): every module in the report's rows measures at most this many bits;
 * ``fewer_params`` (``True``): the model has fewer parameters after the pass than before.
 
@@ -196,6 +197,8 @@ def _pattern(value: Any, ev: Evidence) -> None:
     n, m = int(match.group(1)), int(match.group(2))
     for name, module in ev.modules("pattern"):
         w = _weight(name, module, "pattern")
+        if w.dim() == 2 and any(c.__name__ == "Conv1D" for c in type(module).__mro__):
+            w = w.t()  # Hugging Face Conv1D (GPT-2) stores its weight as (in, out)
         flat = w.reshape(w.shape[0], -1) if w.dim() >= 2 else w.reshape(1, -1)
         full = flat.shape[1] // m * m
         if full == 0:
