@@ -94,7 +94,8 @@ def module_stats(module: nn.Module) -> Stats:
     nbytes = model_bytes(module)
     bits = getattr(module, "weight_bits", None)
     sparsity = getattr(module, "weight_sparsity", None)
-    w = _logical_weight(module)
+    # A packed module that reports both figures is not asked to rebuild its dense weight.
+    w = None if (bits is not None and sparsity is not None) else _logical_weight(module)
     if w is not None:
         with torch.no_grad():
             if sparsity is None and w.device.type != "meta" and w.numel():

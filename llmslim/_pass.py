@@ -173,7 +173,11 @@ class PassBase:
     # -- helpers for subclasses --------------------------------------------------------
     def select(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
         """The modules this pass targets, in model order (raises TargetError when none)."""
-        return select(model, self.targets, self.ignore, accepts=self.accepts, owner=f"pass {self.label!r}")
+        default = self.__dataclass_fields__["targets"].default
+        return select(
+            model, self.targets, self.ignore, accepts=self.accepts, owner=f"pass {self.label!r}",
+            warn_unmatched=self.targets != default,
+        )
 
     def modules(self, model: nn.Module, ctx: Context, *, desc: str | None = None) -> Iterator[tuple[str, nn.Module]]:
         """Iterate the targets with a progress bar, marking (and journaling) each one."""

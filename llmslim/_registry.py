@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import importlib.metadata as md
 import re
+import sys
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
@@ -182,10 +183,22 @@ def registered_name(cls: Any) -> str | None:
         return _names[cls]
     value = f"{getattr(cls, '__module__', '')}:{getattr(cls, '__qualname__', '')}"
     for name, eps in _entry_points().items():
-        if len(eps) == 1 and eps[0].value.replace(" ", "") == value:
+        if len(eps) != 1:
+            continue
+        ep_value = eps[0].value.replace(" ", "")
+        module_name, _, attr = ep_value.partition(":")
+        module = sys.modules.get(module_name)  # a re-export ("pkg:Class" defined in pkg.sub): no import
+        if ep_value == value or (module is not None and attr and _resolve(module, attr) is cls):
             _names[cls] = name
             return name
     return None
+
+
+def _resolve(module: Any, attr: str) -> Any:
+    obj = module
+    for part in attr.split("."):
+        obj = getattr(obj, part, None)
+    return obj
 
 
 def _plain(value: Any, owner: str, field: str) -> Any:

@@ -20,6 +20,8 @@ from torch import nn
 
 __all__ = ["Journal"]
 
+_MISSING = object()
+
 
 class Journal:
     """Records a model's state so :meth:`rollback` can restore it bit for bit.
@@ -44,6 +46,11 @@ class Journal:
             attrs = {k: (dict(v) if isinstance(v, dict) else v) for k, v in vars(module).items()}
             self._modules.append((module, type(module), attrs))
         self._tensors: dict[int, tuple[torch.Tensor, torch.Tensor, bool]] = {}
+        # torch.nn.utils.parametrize gives a parametrized module a class of its own and edits
+        # that class in place (remove_parametrizations deletes its properties): keep its dict.
+        self._classes = {
+            cls: dict(vars(cls)) for _, cls, _ in self._modules if getattr(cls, "__module__", "") == "torch.nn.utils.parametrize"
+        }
 
     def save_(self, module: nn.Module) -> None:
         """Copy the values of ``module``'s tensors (recursively) before an in-place edit.
@@ -65,6 +72,12 @@ class Journal:
             for t, copy, requires_grad in self._tensors.values():
                 t.data = copy
                 t.requires_grad_(requires_grad)
+        for cls, attrs in self._classes.items():
+            for key in [k for k in vars(cls) if k not in attrs]:
+                delattr(cls, key)
+            for key, value in attrs.items():
+                if key not in ("__dict__", "__weakref__") and vars(cls).get(key, _MISSING) is not value:
+                    setattr(cls, key, value)
         for module, cls, attrs in self._modules:
             if type(module) is not cls:
                 module.__class__ = cls

@@ -69,6 +69,7 @@ def select(
     *,
     accepts: Sequence[str] = (),
     owner: str = "pass",
+    warn_unmatched: bool = True,
 ) -> list[tuple[str, nn.Module]]:
     """Return ``[(qualified_name, module)]`` in model order that ``targets`` select.
 
@@ -78,6 +79,8 @@ def select(
         ignore: What to drop from the selection, same syntax.
         accepts: Class names the caller can handle; selected modules of other kinds are skipped.
         owner: Who asks, for error messages.
+        warn_unmatched: Log a warning for a target that matches nothing while others match
+            (off for a pass's default targets, which cover several architectures).
 
     Returns:
         The selected modules, each once, in ``model.named_modules()`` order.
@@ -115,7 +118,7 @@ def select(
             continue
         out.append((name, module))
     for t, _ in want:
-        if hits[id(t)] == 0 and out:
+        if hits[id(t)] == 0 and out and warn_unmatched:
             log.warning("%s: target %r matched no module", owner, t)
     if not out:
         names = [n for n, _ in model.named_modules() if n and ".parametrizations" not in n]

@@ -254,3 +254,23 @@ def test_manager_logs_each_pass(caplog) -> None:
 
 def module_sparsity(module) -> float:
     return float((module.weight == 0).float().mean())
+
+
+def test_rollback_survives_remove_parametrizations_on_an_earlier_parametrization() -> None:
+    class Zero(nn.Module):
+        def forward(self, w):
+            return w * 0
+
+    model = TinyNet()
+    torch.nn.utils.parametrize.register_parametrization(model.fc1, "weight", Zero())  # from an earlier pass
+    before, out = snapshot(model), model(batch())
+
+    class Unparametrize:
+        def apply(self, model, ctx):
+            torch.nn.utils.parametrize.remove_parametrizations(model.fc1, "weight", leave_parametrized=False)
+            raise RuntimeError("late")
+
+    with pytest.raises(PassError):
+        ls.compress_(model, Unparametrize(), progress=False)
+    assert torch.nn.utils.parametrize.is_parametrized(model.fc1, "weight")
+    assert same(snapshot(model), before) and torch.equal(model(batch()), out)

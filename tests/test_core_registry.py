@@ -153,3 +153,22 @@ def test_field_names_may_not_shadow_passbase_and_nan_is_rejected() -> None:
 
     with pytest.raises(ConfigError, match=r"sparsity must be a number \(not NaN\) \(got nan\)"):
         ToyPrune(sparsity=float("nan"))
+
+
+def test_registered_name_follows_a_re_exporting_entry_point(tmp_path) -> None:
+    package = {"reexp/__init__": "from reexp.impl import Shout\n", "reexp/impl": GOOD}
+    where = tmp_path / "d"
+    (where / "reexp").mkdir(parents=True)
+    for name, src in package.items():
+        (where / f"{name}.py").write_text(src)
+    with plugin(tmp_path, "llmslim-reexp", {}, {"reexp-shout": "reexp:Shout"}):
+        sys.path.insert(0, str(where))
+        try:
+            import reexp
+
+            assert ls.pass_name(reexp.Shout()) == "reexp-shout"  # defined in reexp.impl, exported by reexp
+            assert ls.build_pass(reexp.Shout(volume=2).to_spec()) == reexp.Shout(volume=2)
+        finally:
+            sys.path.remove(str(where))
+            for m in ("reexp", "reexp.impl"):
+                sys.modules.pop(m, None)

@@ -97,3 +97,18 @@ def test_unmatched_target_warns_when_others_match(caplog) -> None:
     with caplog.at_level("WARNING", logger="llmslim"):
         ls.select(_model(), ["Linear", "Conv1D"])
     assert re.search(r"target 'Conv1D' matched no module", caplog.text)
+
+
+def test_default_targets_do_not_warn_but_chosen_ones_do(caplog) -> None:
+    import dataclasses
+
+    from toys import ToyPrune
+
+    @dataclasses.dataclass
+    class Wide(ToyPrune):
+        targets: tuple = ("Linear", "Conv1D")  # a default for several architectures
+
+    with caplog.at_level("WARNING", logger="llmslim"):
+        Wide().select(_model())  # no Conv1D here, and that is fine for a default
+        Wide(targets=("Linear", "Conv2d")).select(_model())
+    assert caplog.text.count("matched no module") == 1 and "'Conv2d'" in caplog.text
