@@ -63,6 +63,8 @@ class Context:
         step: Training steps completed (advanced by ``PassManager.step``).
         journal: The rollback journal of the pass now running (``None`` outside a manager).
         module: Qualified name of the module the running pass works on, for error messages.
+        model: The model the running pass works on (set by the manager and the calibration
+            engine), so code that sees only a submodule can swap it (``replace_module_``).
 
     Example:
         >>> import torch
@@ -107,6 +109,7 @@ class Context:
         self.step = 0
         self.journal: Journal | None = None
         self.module: str | None = None
+        self.model: nn.Module | None = None
         self._cache: dict[Hashable, Any] = {}
 
     def run(self, model: nn.Module, batch: Any) -> Any:

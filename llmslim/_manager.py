@@ -145,7 +145,7 @@ class PassManager:
         label = pass_name(p)
         bytes_before, params_before = model_bytes(model), count_params(model)
         journal = Journal(model) if ctx.rollback else None
-        ctx.journal, ctx.module = journal, None
+        ctx.journal, ctx.module, ctx.model = journal, None, model
         log.info("%s: %s started (after: %s)", label, phase, ", ".join(done) or "nothing")
         start = time.perf_counter()
         try:

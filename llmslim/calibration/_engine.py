@@ -97,6 +97,10 @@ def _device_of(module: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+class _Enough(Exception):
+    """Raised by a statistics hook once a batch has given everything asked of it."""
+
+
 def _run_block(block: nn.Module, inputs: list[BlockInput], device: torch.device, *, keep: bool, store: torch.device,
                on_batch: Callable[[BlockInput], None] | None = None) -> list[torch.Tensor] | None:
     outputs = []
@@ -104,7 +108,11 @@ def _run_block(block: nn.Module, inputs: list[BlockInput], device: torch.device,
         for inp in inputs:
             if on_batch is not None:
                 on_batch(inp)
-            out = first_tensor(block(*to_device(inp.args, device), **to_device(inp.kwargs, device)))
+            try:
+                out = first_tensor(block(*to_device(inp.args, device), **to_device(inp.kwargs, device)))
+            except _Enough:
+                keep = False  # stopped early: this forward has no outputs to keep
+                continue
             if keep:
                 outputs.append(out.to(store))
     return outputs if keep else None
@@ -146,7 +154,7 @@ def _input_groups(block: nn.Module, items: list[Item], probe: BlockInput, device
 
 
 def _collect(groups: list[list[Item]], run: Callable[[Callable[[torch.Tensor | None], None]], list[torch.Tensor] | None],
-             device: torch.device) -> tuple[dict[str, InputStats], list[torch.Tensor] | None]:
+             device: torch.device, *, stop_early: bool = False) -> tuple[dict[str, InputStats], list[torch.Tensor] | None]:
     # One accumulator per input group, hooked on the group's first module.
     stats: dict[str, InputStats] = {}
     shared: dict[str, InputStats] = {}
@@ -162,6 +170,8 @@ def _collect(groups: list[list[Item]], run: Callable[[Callable[[torch.Tensor | N
 
         def hook(mod: nn.Module, args: tuple[Any, ...], _acc: InputStats = acc) -> None:
             _acc.add(layer_input(mod, args[0], current["mask"]))
+            if stop_early:  # one group whose input is all we need: skip the rest of the block
+                raise _Enough
 
         handles.append(leader.register_forward_pre_hook(hook))
     try:
@@ -215,6 +225,7 @@ def calibrate(
     if propagate not in ("compressed", "original"):
         raise CalibrationError(f"propagate must be 'compressed' or 'original' (got {propagate!r})")
     start = time.perf_counter()
+    ctx.model = model
     block_list = find_blocks(model, blocks)
     work: list[list[tuple[Any, str, nn.Module]]] = [[] for _ in block_list]
     outside: list[Item] = []  # e.g. lm_head: solved after the sweep, from one whole-model forward
@@ -252,11 +263,14 @@ def calibrate(
                     continue
                 groups = _input_groups(block, items, inputs[0], device)
                 # true-sequential: one input group at a time, each seeing the ones before compressed
-                for batch_of_groups in ([g] for g in groups) if getattr(solver, "sequential", False) else [groups]:
+                sequential = getattr(solver, "sequential", False)
+                for k, batch_of_groups in enumerate([[g] for g in groups] if sequential else [groups]):
                     def run(set_mask: Callable[[torch.Tensor | None], None]) -> list[torch.Tensor] | None:
                         return _run_block(block, inputs, device, keep=True, store=store, on_batch=lambda inp: set_mask(inp.mask))
 
-                    stats, fresh = _collect(batch_of_groups, run, device)
+                    last = not sequential or k == len(groups) - 1
+                    need_original = propagate == "original" and outputs is None  # the whole block must run once
+                    stats, fresh = _collect(batch_of_groups, run, device, stop_early=not last and not need_original)
                     if propagate == "original" and outputs is None:
                         outputs = fresh
                     _solve(batch_of_groups, stats, ctx, rows, index)
