@@ -128,9 +128,10 @@ def render_markdown(payload: dict) -> str:
          f"{r['big_seconds']:.1f}", f"{r['big_peak_rss_growth_mib']:.0f}", f"{r['big_fp32_mib']:.0f}",
          f"{100 * r['big_peak_rss_growth_mib'] / r['big_fp32_mib']:.1f}%"],
     ]
+    note = f" **Note:** {s['note']}" if s.get("note") else ""
     return (
         f"{machine_line(payload)} Memory is peak RSS growth above the process's RSS right after imports; "
-        "cached activations are held on the CPU in float32.\n\n"
+        f"cached activations are held on the CPU in float32.{note}\n\n"
         + table(["sweep", "weights", "wall time (s)", "peak RSS growth (MiB)", "float32 model (MiB)", "growth / model"], rows)
     )
 
@@ -138,13 +139,15 @@ def render_markdown(payload: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="16 SmolLM2 windows; a 4-block big model with 4 windows")
+    parser.add_argument("--note", default="", help="a remark recorded with the results (e.g. other load on the machine)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--windows", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         big_child(args.child, args.windows)
         return
-    settings = {"smollm2_windows": 16 if args.quick else 128, "big_windows": 4 if args.quick else 32, "big_layers": 4 if args.quick else 22}
+    settings = {"smollm2_windows": 16 if args.quick else 128, "big_windows": 4 if args.quick else 32, "big_layers": 4 if args.quick else 22,
+                "note": args.note}
     results = smollm2(settings["smollm2_windows"])
     folder = Path(tempfile.mkdtemp(prefix="llmslim-big-"))
     try:

@@ -1,19 +1,30 @@
-"""Pruning quality on SmolLM2-135M: magnitude 50% and 2:4, side by side with torch.nn.utils.prune.
+"""Pruning quality on SmolLM2-135M: magnitude, Wanda and SparseGPT at 50% and 2:4, side by side
+with torch.nn.utils.prune and torchao's WandaSparsifier, plus an ablation of the calibrated passes.
 
 Every linear layer of the decoder blocks (``model.layers.*``: attention and MLP projections; the
 embedding and the tied LM head stay dense) is pruned by
 
-* ``magnitude`` at 50% unstructured, each layer on its own (``scope="layer"``);
-* ``magnitude`` 2:4 (every group of 4 input weights keeps 2);
-* ``torch.nn.utils.prune.l1_unstructured`` at 50% per layer, then ``prune.remove``: the same
-  criterion from PyTorch itself, as a reference.
+* ``magnitude`` at 50% unstructured (``scope="layer"``) and 2:4;
+* ``wanda`` (``|w| * ||x||`` per output row) and ``sparsegpt`` (OBS with Hessian compensation,
+  blocks of 128 columns, 1% damping) at 50% and 2:4, from ``--calibration`` windows of 512
+  tokens of the docs-text calibration split, compressed outputs propagated block to block;
+* ``torch.nn.utils.prune.l1_unstructured`` at 50% per layer: magnitude from PyTorch itself;
+* torchao's ``WandaSparsifier`` at 50% and 2:4 (``torch.ao.pruning`` in torch 2.13 has no Wanda;
+  it moved to ``torchao.sparsity``): statistics from one forward of the dense model, compared
+  across the whole layer.
 
 llmslim's models are finalized with compressed storage and float16 values (the real end product,
 evaluated as it is); for each, perplexity on the docs-text protocol (ratio to dense), mean KL
-divergence to the dense model, and the compressed weight bytes of the pruned layers over their
-dense float16 bytes. Wanda and SparseGPT columns come with the calibration-based passes.
+divergence to the dense model, the compressed weight bytes over dense float16, and the one-shot
+prune time (``apply``: the calibration sweep and the solves; ``finalize`` packs the storage). The
+reference time is one float32 forward of the dense model over the same calibration batches.
+
+The ablation varies one thing at a time from the 50% configurations: calibration size, damping,
+true-sequential solving, original-output propagation, and OWL's non-uniform layer sparsity (also
+at 70%, where it matters most).
 
 Run:  python benchmarks/prune_quality.py [--quick]; then python benchmarks/render_docs.py
+Smaller full-mode run:  --calibration 16 --windows 8 --ablation-calibration 8
 """
 
 from __future__ import annotations
@@ -22,6 +33,7 @@ import argparse
 import copy
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -34,50 +46,127 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import llmslim as ls  # noqa: E402
 from _common import machine_line, print_table, table, write_result  # noqa: E402
 from llmslim import data, evaluate, models  # noqa: E402
-from llmslim.prune import Magnitude  # noqa: E402
+from llmslim.prune import Magnitude, SparseGPT, Wanda  # noqa: E402
 
 TARGETS = ("model.layers.*",)
+# Perplexity ratios to dense the issue sets for SmolLM2 (with up to 128 calibration windows)
+RATIO_TARGETS = {"sparsegpt-50": 1.35, "sparsegpt-2:4": 1.9, "wanda-50": 1.6, "wanda-2:4": 4.5}
+SPARSEGPT_SECONDS_32 = 80.0  # SparseGPT with 32 windows, this CPU
+WANDA_FORWARDS = 1.2  # Wanda's time over one float32 forward of the same batches
+
+Run = Callable[[nn.Module, list], dict[str, Any]]
 
 
 def _linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
     return [(n, m) for n, m in model.named_modules() if n.startswith("model.layers.") and isinstance(m, nn.Linear)]
 
 
-def _llmslim(pattern: str) -> Callable[[nn.Module], dict[str, Any]]:
-    def run(model: nn.Module) -> dict[str, Any]:
-        p = Magnitude(pattern=pattern, targets=TARGETS, storage="compressed", value_dtype="float16")
-        report = ls.compress_(model, p, progress=False)
+def _llmslim(make: Callable[[], Any]) -> Run:
+    def run(model: nn.Module, batches: list) -> dict[str, Any]:
+        pm, ctx = ls.PassManager([make()]), ls.Context(batches, progress=False)
+        start = time.perf_counter()
+        applied = pm.apply(model, ctx)
+        prune_s = time.perf_counter() - start
+        start = time.perf_counter()
+        report = pm.finalize(model, ctx)
+        finalize_s = time.perf_counter() - start
         rows = report.children[-1].rows  # finalize: one SparseLinear per pruned linear
         layers = [model.get_submodule(r.module) for r in rows]
         stored = sum(b.numel() * b.element_size() for m in layers for b in m.buffers())  # values + bitmask/indices
         fp16 = sum(r.info["bytes_fp16"] for r in rows)
+        errors = [r.error for r in applied.all_rows if r.error is not None]
         return {
             "layers": len(rows),
             "sparsity": sum(m.weight_sparsity * m.in_features * m.out_features for m in layers) / (fp16 / 2),
             "bytes_ratio": stored / fp16,
             "storage": sorted({r.info["storage"] for r in rows}),
+            "prune_s": prune_s,
+            "finalize_s": finalize_s,
+            "mean_layer_error": sum(errors) / len(errors) if errors else None,
+            "notes": [n for c in applied.children for n in c.notes],
         }
 
     return run
 
 
-def _torch_l1(model: nn.Module) -> dict[str, Any]:
+def _torch_l1(model: nn.Module, batches: list) -> dict[str, Any]:
     from torch.nn.utils import prune
 
     layers = _linears(model)
+    start = time.perf_counter()
     for _, m in layers:
         prune.l1_unstructured(m, "weight", amount=0.5)
         prune.remove(m, "weight")
+    seconds = time.perf_counter() - start
     zeros = sum(int((m.weight == 0).sum()) for _, m in layers)
     total = sum(m.weight.numel() for _, m in layers)
-    return {"layers": len(layers), "sparsity": zeros / total, "bytes_ratio": None, "storage": ["dense"]}
+    return {"layers": len(layers), "sparsity": zeros / total, "bytes_ratio": None, "storage": ["dense"], "prune_s": seconds}
 
 
-METHODS: dict[str, tuple[str, str, Callable[[nn.Module], dict[str, Any]]]] = {
-    "magnitude-50": ("llmslim magnitude", "50% unstructured", _llmslim("unstructured")),
-    "magnitude-2:4": ("llmslim magnitude", "2:4", _llmslim("2:4")),
+def _torchao_wanda(block: int | None) -> Run:
+    def run(model: nn.Module, batches: list) -> dict[str, Any]:
+        from torchao.sparsity.wanda import WandaSparsifier
+
+        layers = _linears(model)
+        start = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "sparsity_level fixed to 50% (2:4)", torch.ao.quantization notices
+            sparsifier = WandaSparsifier(sparsity_level=0.5, semi_structured_block_size=block)
+            sparsifier.prepare(model, [{"tensor_fqn": f"{n}.weight"} for n, _ in layers])
+            with torch.no_grad():
+                for b in batches:
+                    model(**b, use_cache=False)
+            sparsifier.step()
+            sparsifier.squash_mask()
+        seconds = time.perf_counter() - start
+        zeros = sum(int((m.weight == 0).sum()) for _, m in layers)
+        total = sum(m.weight.numel() for _, m in layers)
+        return {"layers": len(layers), "sparsity": zeros / total, "bytes_ratio": None, "storage": ["dense"], "prune_s": seconds}
+
+    return run
+
+
+def _torchao_available() -> bool:
+    try:
+        import torchao.sparsity.wanda  # noqa: F401
+    except Exception:  # noqa: BLE001 - any import failure means "not available here"
+        return False
+    return True
+
+
+def _pass(cls: type, **fields: Any) -> Callable[[], Any]:
+    return lambda: cls(targets=TARGETS, storage="compressed", value_dtype="float16", **fields)
+
+
+# key -> (method, pattern, run); "calibration" runs take the main calibration batches
+METHODS: dict[str, tuple[str, str, Run]] = {
+    "magnitude-50": ("llmslim magnitude", "50% unstructured", _llmslim(_pass(Magnitude))),
+    "magnitude-2:4": ("llmslim magnitude", "2:4", _llmslim(_pass(Magnitude, pattern="2:4"))),
+    "wanda-50": ("llmslim wanda", "50% unstructured", _llmslim(_pass(Wanda))),
+    "wanda-2:4": ("llmslim wanda", "2:4", _llmslim(_pass(Wanda, pattern="2:4"))),
+    "sparsegpt-50": ("llmslim sparsegpt", "50% unstructured", _llmslim(_pass(SparseGPT))),
+    "sparsegpt-2:4": ("llmslim sparsegpt", "2:4", _llmslim(_pass(SparseGPT, pattern="2:4"))),
     "torch-l1-50": ("torch.nn.utils.prune l1_unstructured", "50% unstructured", _torch_l1),
+    "torchao-wanda-50": ("torchao WandaSparsifier", "50% unstructured", _torchao_wanda(None)),
+    "torchao-wanda-2:4": ("torchao WandaSparsifier", "2:4", _torchao_wanda(4)),
 }
+
+# key -> (what changes, run, calibration windows: None = the main setting, "small" = --ablation-calibration)
+ABLATION: dict[str, tuple[str, Run, Any]] = {
+    "sparsegpt-50-small": ("sparsegpt 50%, fewer calibration windows", _llmslim(_pass(SparseGPT)), "small"),
+    "sparsegpt-50-damp0.1%": ("sparsegpt 50%, damping 0.1%", _llmslim(_pass(SparseGPT, damping=0.001)), None),
+    "sparsegpt-50-damp10%": ("sparsegpt 50%, damping 10%", _llmslim(_pass(SparseGPT, damping=0.1)), None),
+    "sparsegpt-50-sequential": ("sparsegpt 50%, true-sequential", _llmslim(_pass(SparseGPT, sequential=True)), None),
+    "wanda-50-small": ("wanda 50%, fewer calibration windows", _llmslim(_pass(Wanda)), "small"),
+    "wanda-50-original": ("wanda 50%, propagate original outputs", _llmslim(_pass(Wanda, propagate="original")), None),
+    "wanda-50-owl": ("wanda 50%, OWL (lambda 0.08, M 5)", _llmslim(_pass(Wanda, allocation="owl")), None),
+    "wanda-70": ("wanda 70%, uniform", _llmslim(_pass(Wanda, sparsity=0.7)), None),
+    "wanda-70-owl": ("wanda 70%, OWL (lambda 0.08, M 5)", _llmslim(_pass(Wanda, sparsity=0.7, allocation="owl")), None),
+}
+
+
+def _ratio(r: dict, key: str) -> float:
+    return r[key]["perplexity"] / r["dense_perplexity"]
 
 
 def render_markdown(payload: dict) -> str:
@@ -85,46 +174,114 @@ def render_markdown(payload: dict) -> str:
     r, s = payload["results"], payload["settings"]
     rows = [["dense (float32)", "-", 0.0, r["dense_perplexity"], 1.0, 0.0, "-", "-"]]
     for key, (method, pattern, _) in METHODS.items():
+        if key not in r:
+            continue
         m = r[key]
         ratio = "-" if m["bytes_ratio"] is None else m["bytes_ratio"]
-        rows.append([method, pattern, m["sparsity"], m["perplexity"], m["perplexity"] / r["dense_perplexity"], m["kl"], ratio, m["seconds"]])
+        rows.append([method, pattern, m["sparsity"], m["perplexity"], _ratio(r, key), m["kl"], ratio, m["prune_s"]])
     body = table(
         ["method", "pattern", "sparsity", "perplexity", "ratio to dense", "KL to dense (nats)", "weight bytes / dense fp16", "prune (s)"],
         rows,
     )
+    ablation = table(
+        ["configuration", "calibration windows", "perplexity", "ratio to dense", "KL to dense (nats)", "prune (s)"],
+        [[what, r[key]["calibration"], r[key]["perplexity"], _ratio(r, key), r[key]["kl"], r[key]["prune_s"]]
+         for key, (what, _, _) in ABLATION.items() if key in r],
+    )
+    checks = table(["target", "measured", "met"], [[t, m, "yes" if ok else "no"] for t, m, ok in _targets(r, s)])
     return (
         f"{machine_line(payload)} SmolLM2-135M-Instruct, the {r['magnitude-50']['layers']} linear layers of "
-        f"`model.layers.*` pruned; perplexity and KL on the first {s['windows']} windows of {s['seq_len']} tokens "
-        f"(`{s['protocol']}` protocol). Weight bytes: the compressed storage `finalize` leaves (float16 values plus a "
-        f"bitmask, or 2-bit indices for 2:4) over the same layers' dense float16 bytes.\n\n{body}"
+        f"`model.layers.*` pruned; calibration: {s['calibration']} windows of {s['seq_len']} tokens of the "
+        f"calibration split; perplexity and KL on the first {s['windows']} windows of {s['seq_len']} tokens of the "
+        f"evaluation split (`{s['protocol']}` protocol). Weight bytes: the compressed storage `finalize` leaves "
+        f"(float16 values plus a bitmask, or 2-bit indices for 2:4) over the same layers' dense float16 bytes. "
+        f"One float32 forward of the dense model over the calibration batches takes {r['forward_s']:.1f} s.\n\n{body}\n\n"
+        f"Ablation (one change from the 50% configuration each):\n\n{ablation}\n\nTargets:\n\n{checks}"
     )
+
+
+def _targets(r: dict, s: dict) -> list[tuple[str, str, bool]]:
+    out = []
+    for key, limit in RATIO_TARGETS.items():
+        if key in r:
+            out.append((f"{key} perplexity <= {limit}x dense", f"{_ratio(r, key):.3f}x", _ratio(r, key) <= limit))
+    small = r.get("sparsegpt-50-small")
+    if small is not None and small["calibration"] == 32:
+        out.append((f"sparsegpt 50% with 32 windows < {SPARSEGPT_SECONDS_32:g} s", f"{small['prune_s']:.1f} s",
+                    small["prune_s"] < SPARSEGPT_SECONDS_32))
+    for key in ("wanda-50", "wanda-50-original"):
+        if key in r:
+            times = r[key]["prune_s"] / r["forward_s"]
+            out.append((f"{key} <= {WANDA_FORWARDS}x one float32 forward", f"{times:.2f}x", times <= WANDA_FORWARDS))
+    return out
+
+
+def _forward_seconds(model: nn.Module, batches: list) -> float:
+    with torch.no_grad():
+        model(**batches[0], use_cache=False)  # warm-up
+        start = time.perf_counter()
+        for b in batches:
+            model(**b, use_cache=False)
+    return time.perf_counter() - start
+
+
+def _measure(key: str, run: Run, dense: nn.Module, batches: list, tokens: torch.Tensor, measure: dict, results: dict) -> dict:
+    model = copy.deepcopy(dense)
+    out = run(model, batches)
+    out["perplexity"] = evaluate.perplexity(model, tokens, **measure)
+    out["kl"] = evaluate.kl_divergence(model, dense, tokens, **measure)
+    out["calibration"] = len(batches)
+    print(f"  {key}: ratio {out['perplexity'] / results['dense_perplexity']:.3f}, KL {out['kl']:.3f}, prune {out['prune_s']:.1f}s", flush=True)
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="4 windows instead of 32")
+    parser.add_argument("--quick", action="store_true", help="4 evaluation windows, 8 calibration windows, a short ablation")
+    parser.add_argument("--windows", type=int, help="evaluation windows (default 32; quick 4)")
+    parser.add_argument("--calibration", type=int, help="calibration windows of 512 tokens (default 128; quick 8)")
+    parser.add_argument("--ablation-calibration", type=int, help="the ablation's smaller calibration (default 32; quick 4)")
+    parser.add_argument("--no-ablation", action="store_true", help="skip the ablation table")
+    parser.add_argument("--only", nargs="*", default=None, help="run only these method keys (and dense)")
     args = parser.parse_args()
-    settings = {"windows": 4 if args.quick else 32, "seq_len": 512, "protocol": "default", "targets": list(TARGETS)}
+    settings = {
+        "windows": args.windows or (4 if args.quick else 32),
+        "calibration": args.calibration or (8 if args.quick else 128),
+        "ablation_calibration": args.ablation_calibration or (4 if args.quick else 32),
+        "seq_len": 512,
+        "protocol": "default",
+        "targets": list(TARGETS),
+    }
     torch.manual_seed(0)
 
     dense, tokenizer = models.load_smollm2(progress=False)
-    tokens = data.split_tokens(tokenizer, protocol=settings["protocol"]).evaluation
+    split = data.split_tokens(tokenizer, protocol=settings["protocol"])
+    batches = data.calibration_batches(text=split.calibration, n_samples=settings["calibration"], seq_len=settings["seq_len"])
+    small = data.calibration_batches(text=split.calibration, n_samples=settings["ablation_calibration"], seq_len=settings["seq_len"])
     measure = {"seq_len": settings["seq_len"], "max_windows": settings["windows"], "progress": False}
-    results: dict[str, Any] = {"dense_perplexity": evaluate.perplexity(dense, tokens, **measure)}
-    table_rows = [["dense", "-", 0.0, results["dense_perplexity"], 1.0, 0.0, "-"]]
-    for key, (method, pattern, run) in METHODS.items():
-        model = copy.deepcopy(dense)
-        start = time.perf_counter()
-        out = run(model)
-        out["seconds"] = time.perf_counter() - start
-        out["perplexity"] = evaluate.perplexity(model, tokens, **measure)
-        out["kl"] = evaluate.kl_divergence(model, dense, tokens, **measure)
-        results[key] = out
-        ratio = out["perplexity"] / results["dense_perplexity"]
-        table_rows.append([method, pattern, out["sparsity"], out["perplexity"], ratio, out["kl"], out["bytes_ratio"] or "-"])
-        del model
+    results: dict[str, Any] = {"dense_perplexity": evaluate.perplexity(dense, split.evaluation, **measure),
+                               "forward_s": _forward_seconds(dense, batches)}
+    print(f"dense perplexity {results['dense_perplexity']:.3f}; one forward over {len(batches)} windows {results['forward_s']:.1f}s", flush=True)
+    chosen = [k for k in METHODS if args.only is None or k in args.only]
+    if not _torchao_available():
+        print("torchao is not installed: skipping its WandaSparsifier")
+        chosen = [k for k in chosen if not k.startswith("torchao")]
+    for key in chosen:
+        results[key] = _measure(key, METHODS[key][2], dense, batches, split.evaluation, measure, results)
+    if not args.no_ablation:
+        for key, (_, run, calib) in ABLATION.items():
+            if args.only is None or key in args.only:
+                use = small if calib == "small" else batches
+                results[key] = _measure(key, run, dense, use, split.evaluation, measure, results)
 
-    print_table("pruning quality, SmolLM2-135M", ["method", "pattern", "sparsity", "perplexity", "ratio", "KL", "bytes/fp16"], table_rows)
+    rows = [["dense", "-", 0.0, results["dense_perplexity"], 1.0, 0.0, "-", "-"]]
+    for key in chosen:
+        m = results[key]
+        rows.append([METHODS[key][0], METHODS[key][1], m["sparsity"], m["perplexity"], _ratio(results, key), m["kl"],
+                     m["bytes_ratio"] or "-", m["prune_s"]])
+    print_table("pruning quality, SmolLM2-135M", ["method", "pattern", "sparsity", "perplexity", "ratio", "KL", "bytes/fp16", "prune s"], rows)
+    for target, measured, ok in _targets(results, settings):
+        print(f"  {'met ' if ok else 'MISS'} {target}: {measured}")
     print(f"wrote {write_result('prune_quality', settings, results, quick=args.quick)}")
 
 

@@ -40,6 +40,7 @@ __all__ = [
     "model_bytes",
     "pass_name",
     "prune",
+    "quant",
     "register",
     "replace_module_",
     "select",
@@ -48,7 +49,7 @@ __all__ = [
 ]
 
 # Subpackages that pull in optional or heavy dependencies load on first attribute access.
-_LAZY = {"testing", "prune"}
+_LAZY = {"testing", "prune", "quant"}
 
 
 def __getattr__(name: str) -> Any:

@@ -34,6 +34,8 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     # generated layer sizes (7, 13, 33 ...) rarely split into groups of M: keep the remainder dense
     # rather than fail (the "error" policy has its own tests in tests/test_prune_magnitude.py)
     "magnitude": {"remainder": ["dense"]},
+    "wanda": {"remainder": ["dense"]},
+    "sparsegpt": {"remainder": ["dense"]},
 }
 
 DEFAULT_KINDS: tuple[str, ...] = ("mlp", "convnet", "attention", "mha", *(HF_KINDS if has_transformers() else ()))
@@ -43,6 +45,10 @@ KINDS: dict[str, tuple[str, ...]] = {
     "toy-half": tuple(k for k in DEFAULT_KINDS if k != "mha"),
     # nn.MultiheadAttention reads out_proj.weight without calling out_proj: no input statistics
     "toy-wanda": tuple(k for k in DEFAULT_KINDS if k != "mha"),
+    "gptq": tuple(k for k in DEFAULT_KINDS if k != "mha"),  # likewise: calibration needs out_proj to run
+    # the same for the calibrated pruning passes: out_proj never runs, so it has no statistics
+    "wanda": tuple(k for k in DEFAULT_KINDS if k != "mha"),
+    "sparsegpt": tuple(k for k in DEFAULT_KINDS if k != "mha"),
 }
 
 # pass name -> {check: reason} handed to check_pass

@@ -2,6 +2,10 @@
 
 * What to cut is a score: :class:`PruneBase` leaves one method, ``score(name, module, ctx)``;
   :class:`Magnitude` (registered as ``"magnitude"``) scores ``|w|``.
+* From calibration data (:class:`CalibratedPrune`, run by the calibration engine):
+  :class:`Wanda` (``"wanda"``) scores ``|w| * ||x||``, optionally with OWL's non-uniform
+  sparsity (:func:`owl_sparsities`); :class:`SparseGPT` (``"sparsegpt"``) prunes with Hessian
+  error compensation (:func:`obs_prune`).
 * How to cut is shared: :func:`unstructured_mask`, :func:`row_mask`, :func:`nm_mask`,
   :func:`global_counts` turn scores into keep-masks; :class:`Mask` applies one as a
   ``torch.nn.utils.parametrize`` parametrization; :func:`bake_` makes it permanent.
@@ -15,34 +19,47 @@ See docs/pruning.md.
 from __future__ import annotations
 
 from ._base import PruneBase
+from ._calibrated import CalibratedPrune
 from ._mask import Mask, bake_, from_rows, get_mask, is_transposed, masked_modules, rows_view, set_mask_, zero_pruned_
+from ._obs import ObsResult, inverse_hessian_factor, obs_prune, relative_output_error
+from ._owl import owl_sparsities
 from ._patterns import global_counts, lowest_mask, nm_mask, parse_pattern, prune_count, row_mask, unstructured_mask
 from ._schedule import SCHEDULES, Schedule, constant, cubic, linear
 from ._storage import SparseLinear, pack_bits, pack_ints, storage_bytes, unpack_bits, unpack_ints
 from .magnitude import Magnitude
+from .sparsegpt import SparseGPT
+from .wanda import Wanda, wanda_scores
 
 __all__ = [
     "SCHEDULES",
+    "CalibratedPrune",
     "Magnitude",
     "Mask",
+    "ObsResult",
     "PruneBase",
     "Schedule",
+    "SparseGPT",
     "SparseLinear",
+    "Wanda",
     "bake_",
     "constant",
     "cubic",
     "from_rows",
     "get_mask",
     "global_counts",
+    "inverse_hessian_factor",
     "is_transposed",
     "linear",
     "lowest_mask",
     "masked_modules",
     "nm_mask",
+    "obs_prune",
+    "owl_sparsities",
     "pack_bits",
     "pack_ints",
     "parse_pattern",
     "prune_count",
+    "relative_output_error",
     "row_mask",
     "rows_view",
     "set_mask_",
@@ -50,5 +67,6 @@ __all__ = [
     "unpack_bits",
     "unpack_ints",
     "unstructured_mask",
+    "wanda_scores",
     "zero_pruned_",
 ]

@@ -280,7 +280,8 @@ class PruneBase(PassBase):
         info.update(storage_bytes(rows_view(module, module.weight.detach()), DTYPES.get(self.value_dtype or ""), self.n_m))
         return info
 
-    def mask_module_(self, name: str, module: nn.Module, ctx: Context, scores: torch.Tensor | None = None) -> ModuleRow:
+    def mask_module_(self, name: str, module: nn.Module, ctx: Context, scores: torch.Tensor | None = None, *,
+                     sparsity: float | None = None) -> ModuleRow:
         """Mask one module at the sparsity for ``ctx.step``; return its report row.
 
         The seam for methods whose scores arrive one module at a time, e.g. from a calibration
@@ -288,15 +289,20 @@ class PruneBase(PassBase):
         them. Layer, row and N:M patterns; ``scope="global"`` needs every score at once
         (:meth:`apply`). The original weight is zeroed in place where pruned: inside a pass,
         journal the module first (``ctx.working_on(name, module)``, as ``self.modules`` does).
+        ``sparsity`` overrides the target for this module (non-uniform allocations such as
+        Wanda's OWL); ignored by N:M patterns, which fix it.
 
         Raises:
-            ConfigError: ``scope="global"``, scores of the wrong shape or NaN, or an N:M row
-                length without a remainder policy.
+            ConfigError: ``scope="global"``, scores of the wrong shape or NaN, an N:M row
+                length without a remainder policy, or a ``sparsity`` outside [0, 1).
         """
         if self.scope == "global":
             raise ConfigError(f"{self.label}: mask_module_ masks one module at a time; scope='global' needs apply()")
         self._check_groups([(name, module)])
         target = self.sparsity_at(ctx.step)
+        if sparsity is not None and self.n_m is None:
+            check_range(self.label, f"sparsity of module {name!r}", sparsity, 0.0, 1.0, hi_open=True)
+            target = float(sparsity)
         start, before = time.perf_counter(), self.measure(module)
         keep = self._keep(self._scores(name, module, ctx, scores), target)
         set_mask_(module, from_rows(module, keep, module.weight.shape), target, name)
@@ -372,7 +378,7 @@ class PruneBase(PassBase):
         if kept_dense:
             notes.append(f"kept dense (compressed storage covers Linear and Conv1D below the root): {', '.join(kept_dense)}")
         short = [r.module for r in rows if r.info["target_sparsity"] < self.final_sparsity]
-        if short:  # e.g. compress_ with a schedule: nothing stepped it
+        if short and self.schedule is not None:  # e.g. compress_ with a schedule: nothing stepped it
             notes.append(
                 f"finalized {len(short)} module(s) below the final sparsity {self.final_sparsity:g} "
                 f"(at {min(r.info['target_sparsity'] for r in rows):g}): the schedule reaches it after "
