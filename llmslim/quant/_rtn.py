@@ -86,11 +86,9 @@ class RTN(PassBase):
 
     def select(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
         targets = (*self.targets, "Embedding") if self.embeddings else self.targets
-        # "Conv1D" (GPT-2 style) and "Embedding" are kinds a model may simply not have: drop them
-        # then, rather than have the selection warn that they matched nothing
-        present = {c.__name__ for m in model.modules() for c in type(m).__mro__}
-        targets = tuple(t for t in targets if t not in ("Conv1D", "Embedding") or t in present) or targets
-        return select(model, targets, self.ignore, accepts=self.accepts, owner=f"pass {self.label!r}")
+        default = type(self).__dataclass_fields__["targets"].default  # covers several architectures: no warnings
+        return select(model, targets, self.ignore, accepts=self.accepts, owner=f"pass {self.label!r}",
+                      warn_unmatched=self.targets != default)
 
     def apply(self, model: nn.Module, ctx: Context) -> Report:
         scale_dtype = SCALE_DTYPES[self.scale_dtype]

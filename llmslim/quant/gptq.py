@@ -21,7 +21,6 @@ from ..calibration import CalibrationPass, InputStats
 from ._clip import search_params
 from ._functional import code_range
 from ._linear import SCALE_DTYPES, QuantLinear, float_weight
-from ._packing import pack
 
 __all__ = ["GPTQ", "gptq_quantize"]
 
@@ -230,12 +229,8 @@ class GPTQ(CalibrationPass):
             scale_dtype=SCALE_DTYPES[self.scale_dtype], damp=self.damp, block_size=self.block_size,
             act_order=self.act_order, clip=self.clip, keep_zeros=(w == 0) if masked else None,
         )
-        new = QuantLinear(w.shape[1], w.shape[0], bits=self.bits, group_size=self.group_size, symmetric=self.symmetric,
-                          bias=bias is not None, scale_dtype=SCALE_DTYPES[self.scale_dtype], weight_dtype=w.dtype, device=w.device)
-        new._install(pack(result["codes"], self.bits), result["scale"], result["zero"], codes=result["codes"])
-        if bias is not None:
-            with torch.no_grad():
-                new.bias.copy_(bias.detach())
+        new = QuantLinear.from_codes(result["codes"], result["scale"], result["zero"], bits=self.bits,
+                                     group_size=self.group_size, bias=bias, weight_dtype=w.dtype)
         if ctx.model is None:
             raise RuntimeError("GPTQ.solve runs inside the calibration engine, which sets ctx.model")
         replace_module_(ctx.model, name, new)
