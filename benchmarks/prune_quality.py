@@ -5,9 +5,10 @@ Every linear layer of the decoder blocks (``model.layers.*``: attention and MLP 
 embedding and the tied LM head stay dense) is pruned by
 
 * ``magnitude`` at 50% unstructured (``scope="layer"``) and 2:4;
-* ``wanda`` (``|w| * ||x||`` per output row) and ``sparsegpt`` (OBS with Hessian compensation,
-  blocks of 128 columns, 1% damping) at 50% and 2:4, from ``--calibration`` windows of 512
-  tokens of the docs-text calibration split, compressed outputs propagated block to block;
+* ``wanda`` (``|w| * ||x||`` per output row, dense outputs propagated block to block) and
+  ``sparsegpt`` (OBS with Hessian compensation, blocks of 128 columns, 1% damping, pruned outputs
+  propagated) at 50% and 2:4, from ``--calibration`` windows of 512 tokens of the docs-text
+  calibration split;
 * ``torch.nn.utils.prune.l1_unstructured`` at 50% per layer: magnitude from PyTorch itself;
 * torchao's ``WandaSparsifier`` at 50% and 2:4 (``torch.ao.pruning`` in torch 2.13 has no Wanda;
   it moved to ``torchao.sparsity``): statistics from one forward of the dense model, compared
@@ -20,8 +21,8 @@ prune time (``apply``: the calibration sweep and the solves; ``finalize`` packs 
 reference time is one float32 forward of the dense model over the same calibration batches.
 
 The ablation varies one thing at a time from the 50% configurations: calibration size, damping,
-true-sequential solving, original-output propagation, and OWL's non-uniform layer sparsity (also
-at 70%, where it matters most).
+true-sequential solving, propagation of the pruned outputs (Wanda), and OWL's non-uniform layer
+sparsity (also at 70%, where it matters most).
 
 Run:  python benchmarks/prune_quality.py [--quick]; then python benchmarks/render_docs.py
 Smaller full-mode run:  --calibration 16 --windows 8 --ablation-calibration 8
@@ -158,7 +159,7 @@ ABLATION: dict[str, tuple[str, Run, Any]] = {
     "sparsegpt-50-damp10%": ("sparsegpt 50%, damping 10%", _llmslim(_pass(SparseGPT, damping=0.1)), None),
     "sparsegpt-50-sequential": ("sparsegpt 50%, true-sequential", _llmslim(_pass(SparseGPT, sequential=True)), None),
     "wanda-50-small": ("wanda 50%, fewer calibration windows", _llmslim(_pass(Wanda)), "small"),
-    "wanda-50-original": ("wanda 50%, propagate original outputs", _llmslim(_pass(Wanda, propagate="original")), None),
+    "wanda-50-compressed": ("wanda 50%, propagate pruned outputs", _llmslim(_pass(Wanda, propagate="compressed")), None),
     "wanda-50-owl": ("wanda 50%, OWL (lambda 0.08, M 5)", _llmslim(_pass(Wanda, allocation="owl")), None),
     "wanda-70": ("wanda 70%, uniform", _llmslim(_pass(Wanda, sparsity=0.7)), None),
     "wanda-70-owl": ("wanda 70%, OWL (lambda 0.08, M 5)", _llmslim(_pass(Wanda, sparsity=0.7, allocation="owl")), None),
@@ -209,7 +210,7 @@ def _targets(r: dict, s: dict) -> list[tuple[str, str, bool]]:
     if small is not None and small["calibration"] == 32:
         out.append((f"sparsegpt 50% with 32 windows < {SPARSEGPT_SECONDS_32:g} s", f"{small['prune_s']:.1f} s",
                     small["prune_s"] < SPARSEGPT_SECONDS_32))
-    for key in ("wanda-50", "wanda-50-original"):
+    for key in ("wanda-50", "wanda-50-compressed"):
         if key in r:
             times = r[key]["prune_s"] / r["forward_s"]
             out.append((f"{key} <= {WANDA_FORWARDS}x one float32 forward", f"{times:.2f}x", times <= WANDA_FORWARDS))

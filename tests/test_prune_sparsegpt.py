@@ -256,7 +256,8 @@ def test_shares_one_sweep_with_wanda() -> None:
     from llmslim.prune import Wanda
 
     model = models.tiny("llama")
-    report = ls.compress_(model, Wanda(targets=["*.mlp.*"]), SparseGPT(targets=["*.self_attn.*"]), calibration=_batches(), progress=False)
+    wanda = Wanda(targets=["*.mlp.*"], propagate="compressed")  # sweeps share only equal propagate settings
+    report = ls.compress_(model, wanda, SparseGPT(targets=["*.self_attn.*"]), calibration=_batches(), progress=False)
     assert [c.name for c in report.children[:2]] == ["wanda", "sparsegpt"]
     assert any("shared calibration sweep" in n for n in report.children[0].notes)
     assert all(abs(r.info["achieved_sparsity"] - 0.5) < 1e-9 for c in report.children[:2] for r in c.rows)

@@ -3,7 +3,8 @@
 Sun et al., 2023, "A Simple and Effective Pruning Approach for Large Language Models": the
 importance of ``W_ij`` is ``|W_ij| * ||X_j||_2``, the norm of input channel ``j`` over every
 calibration token, compared within each output row. No weight update, no Hessian: one sum of
-squares per input channel, so it costs about one forward over the calibration data.
+squares per input channel, and (propagating the dense outputs) one forward over the calibration
+data.
 """
 
 from __future__ import annotations
@@ -51,6 +52,11 @@ class Wanda(CalibratedPrune):
     Args:
         scope: ``"row"`` (the default, Wanda's comparison group: every output row prunes its
             share) or ``"layer"``.
+        propagate: ``"original"`` (the default here: the next block is calibrated on the dense
+            outputs, so the sweep is one forward over the calibration data) or ``"compressed"``
+            (on the pruned outputs: one more block forward per block). Wanda's scores need only
+            activation norms, and on SmolLM2 the dense outputs served as well (see
+            ``benchmarks/prune_quality.py``'s ablation).
         allocation: ``"uniform"`` (every layer at ``sparsity``) or ``"owl"``: outlier-weighted
             layer-wise sparsity, blocks whose scores hold more outliers prune less, the mean
             kept at ``sparsity`` (one extra read-only sweep first). Unstructured only.
@@ -78,6 +84,7 @@ class Wanda(CalibratedPrune):
     """
 
     scope: Literal["layer", "row", "global"] = "row"
+    propagate: Literal["compressed", "original"] = "original"
     allocation: Literal["uniform", "owl"] = "uniform"
     owl_lambda: float = 0.08
     owl_m: float = 5.0
