@@ -7,7 +7,11 @@
    untied head) saved as safetensors shards, calibrated block by block from disk (meta
    skeleton) with 32 windows of 512 tokens, X^T X for every linear layer of the blocks. It runs
    in a fresh process so that memory is measured as growth above that process's RSS right
-   after its imports. Cached activations are held on the CPU in float32.
+   after its imports (the LLaMA modeling code included). Cached activations are held on the CPU
+   in float32; the dense outputs are propagated, so each block's outputs replace its inputs and
+   at most two copies are alive; X^T X accumulates in float64 and is freed after each block's
+   solve; only the modules that run before the first block (the embedding) are read from disk
+   for the capture, never the output head.
 
 Run:  python benchmarks/calibration.py [--quick]; then python benchmarks/render_docs.py
 """
@@ -102,6 +106,7 @@ def big_child(folder: str, windows: int) -> None:
     import llmslim as ls
     from llmslim.calibration import PeakMemory, ShardedWeights, calibrate
 
+    transformers.LlamaForCausalLM  # noqa: B018  (transformers imports lazily: import the modeling code first)
     baseline = rss_bytes()  # right after this process's imports
     config = transformers.LlamaConfig.from_pretrained(folder)
     with PeakMemory() as peak:

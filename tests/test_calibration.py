@@ -223,6 +223,50 @@ def test_calibrating_from_shards_on_a_meta_skeleton(tmp_path) -> None:
         torch.testing.assert_close(rec.seen[name]["xtx"], got["xtx"])
 
 
+class _ReadsTableDirectly(nn.Module):
+    # the table's weight is read without calling its module, so no pre-hook sees it used
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = nn.Embedding(16, 8)
+        self.blocks = nn.ModuleList([nn.Linear(8, 8) for _ in range(2)])
+        self.head = nn.Linear(8, 16)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        h = self.table.weight[input_ids]
+        for block in self.blocks:
+            h = block(h)
+        return self.head(h)
+
+
+@pytest.mark.parametrize("direct", [False, True])
+def test_from_shards_only_what_runs_before_the_blocks_is_loaded(tmp_path, monkeypatch, direct) -> None:
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = _ReadsTableDirectly() if direct else models.tiny("llama", seed=3)
+    tied = {"lm_head.weight"} if not direct and model.config.tie_word_embeddings else set()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items() if k not in tied}, str(tmp_path / "model.safetensors"))
+    batches = [{"input_ids": torch.randint(0, 16, (1, 6))} for _ in range(2)]
+    reference = Recorder(ignore=("head", "lm_head"))
+    ls.compress_(model, reference, calibration=batches, progress=False)
+    with torch.device("meta"):
+        skeleton = _ReadsTableDirectly() if direct else models.tiny("llama", seed=3)
+    if not direct:
+        skeleton.model.rotary_emb = type(model.model.rotary_emb)(model.config)
+    loads: list[str] = []
+    real_load = C.ShardedWeights.load_
+    monkeypatch.setattr(C.ShardedWeights, "load_", lambda self, m, prefix, *a, **k: (loads.append(prefix), real_load(self, m, prefix, *a, **k))[1])
+    rec = Recorder(ignore=("head", "lm_head"))
+    rec.seen, rec.order = {}, []
+    C.calibrate(skeleton, ls.Context(batches, progress=False), [rec], weights=C.ShardedWeights(tmp_path))
+    head = "head." if direct else "lm_head."
+    # the output head after the blocks is loaded only by the fallback (a table read without a call)
+    assert (head in loads) == direct
+    assert all(p.device.type == "meta" for p in skeleton.parameters())  # everything released
+    for name, got in reference.seen.items():
+        torch.testing.assert_close(rec.seen[name]["xtx"], got["xtx"])
+
+
 def _rank_main(rank: int, world: int, path: str, out: str) -> None:
     import torch.distributed as dist
 

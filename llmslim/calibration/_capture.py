@@ -124,6 +124,9 @@ def capture_inputs(
                     raise CalibrationError(f"calibration batch {i}: the forward finished without reaching the first block")
                 mask = token_mask(batch)
                 captured[-1].mask = None if mask is None else mask.to(store)
+                if captured[-1].hidden.device.type == "meta":
+                    raise CalibrationError(f"calibration batch {i}: the inputs of the first block are on the meta device "
+                                           "(a tensor before the blocks was never loaded)")
                 if not torch.isfinite(captured[-1].hidden).all():
                     raise CalibrationError(f"calibration batch {i}: the inputs of the first block contain NaN or Inf")
     finally:

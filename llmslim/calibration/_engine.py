@@ -239,15 +239,15 @@ def calibrate(
             "ignore it when calibrating from weights on disk"
         )
     batches = shard(ctx.calibration)
-    loaded = _load_outside_blocks(model, block_list, weights) if weights is not None else []
     device = ctx.device or _device_of(block_list[0][1])
     store = torch.device("cpu") if offload else device
     rows: list[list[ModuleRow]] = [[] for _ in solvers]
     index = {id(s): k for k, s in enumerate(solvers)}
     with PeakMemory() as peak:
-        inputs = capture_inputs(model, block_list[0][1], batches, ctx, store=store)
-        for module in loaded:  # the embeddings etc. are not needed again: free them now
-            weights.release_(module)
+        if weights is None:
+            inputs = capture_inputs(model, block_list[0][1], batches, ctx, store=store)
+        else:
+            inputs = _capture_from_disk(model, block_list, batches, ctx, store, weights)
         tokens = global_sum(sum(int(inp.mask.sum()) if inp.mask is not None else inp.hidden.shape[:-1].numel() for inp in inputs))
         for i, (bname, block) in enumerate(ctx.progress_bar(block_list, desc=desc, total=len(block_list))):
             if weights is not None:
@@ -274,6 +274,7 @@ def calibrate(
                     if propagate == "original" and outputs is None:
                         outputs = fresh
                     _solve(batch_of_groups, stats, ctx, rows, index)
+                    del stats  # the statistics (Hessians: the largest tensors here) are not needed again
                     if _fingerprint(block) != fingerprint:
                         fresh, fingerprint = None, _fingerprint(block)
             if outputs is None:
@@ -282,6 +283,7 @@ def calibrate(
                 if not torch.isfinite(out).all():
                     raise CalibrationError(f"block {bname!r}: its outputs contain NaN or Inf")
             inputs = [replace_hidden(inp, out) for inp, out in zip(inputs, outputs)]
+            outputs = fresh = None  # the new inputs hold them now; nothing else may keep the old inputs alive
             if after_block is not None:
                 after_block(bname, block)
             if weights is not None:
@@ -323,14 +325,40 @@ def _solve_outside(model: nn.Module, items: list[Item], batches: list[Any], ctx:
         _solve(groups, stats, ctx, rows, index)
 
 
-def _load_outside_blocks(model: nn.Module, block_list: list[tuple[str, nn.Module]], weights: ShardedWeights) -> list[nn.Module]:
+def _capture_from_disk(model: nn.Module, block_list: list[tuple[str, nn.Module]], batches: list[Any], ctx: Context,
+                       store: torch.device, weights: ShardedWeights) -> list[BlockInput]:
+    # Only the modules the forward calls before the first block (embeddings, rotary tables) are
+    # loaded, when first called, and released after the capture: the output head of a large
+    # vocabulary is never read. A tensor read without calling its module would stay on meta and
+    # fail the capture; then everything outside the blocks is loaded and the capture retried.
+    loaded: dict[int, nn.Module] = {}
+    handles = []
+    for name, module in _outside_on_meta(model, block_list):
+        def load(mod: nn.Module, args: Any, _prefix: str = f"{name}." if name else "") -> None:
+            if id(mod) not in loaded:
+                weights.load_(mod, _prefix, "cpu", recurse=False, strict=False)
+                loaded[id(mod)] = mod
+
+        handles.append(module.register_forward_pre_hook(load))
+    try:
+        try:
+            inputs = capture_inputs(model, block_list[0][1], batches, ctx, store=store)
+        except CalibrationError:
+            for h in handles:
+                h.remove()
+            for name, module in _outside_on_meta(model, block_list):
+                weights.load_(module, f"{name}." if name else "", "cpu", recurse=False, strict=False)
+                loaded[id(module)] = module
+            inputs = capture_inputs(model, block_list[0][1], batches, ctx, store=store)
+    finally:
+        for h in handles:
+            h.remove()
+        for module in loaded.values():  # not needed again: free them now
+            weights.release_(module)
+    return inputs
+
+
+def _outside_on_meta(model: nn.Module, block_list: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
     inside = {id(m) for _, b in block_list for m in b.modules()}
-    loaded = []
-    for name, module in model.named_modules():
-        if id(module) in inside:
-            continue
-        if any(t.device.type == "meta" for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]):
-            # tensors not in the checkpoint (tied heads, modules after the blocks) are never run here
-            weights.load_(module, f"{name}." if name else "", "cpu", recurse=False, strict=False)
-            loaded.append(module)
-    return loaded
+    return [(name, module) for name, module in model.named_modules() if id(module) not in inside
+            and any(t.device.type == "meta" for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)])]
