@@ -134,6 +134,9 @@ def render_markdown(payload: dict) -> str:
          f"{100 * r['big_peak_rss_growth_mib'] / r['big_fp32_mib']:.1f}%"],
     ]
     note = f" **Note:** {s['note']}" if s.get("note") else ""
+    for part in ("smollm2", "big"):
+        if s.get(f"{part}_note"):
+            note += f" **{'SmolLM2' if part == 'smollm2' else '1.1B'} row:** {s[f'{part}_note']}"
     return (
         f"{machine_line(payload)} Memory is peak RSS growth above the process's RSS right after imports; "
         f"cached activations are held on the CPU in float32.{note}\n\n"
@@ -145,6 +148,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="16 SmolLM2 windows; a 4-block big model with 4 windows")
     parser.add_argument("--note", default="", help="a remark recorded with the results (e.g. other load on the machine)")
+    parser.add_argument("--part", choices=("all", "smollm2", "big"), default="all",
+                        help="rerun one part only, keeping the other's figures (and settings) from the last result file; "
+                             "--note then goes with that part")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--windows", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -153,17 +159,24 @@ def main() -> None:
         return
     settings = {"smollm2_windows": 16 if args.quick else 128, "big_windows": 4 if args.quick else 32, "big_layers": 4 if args.quick else 22,
                 "note": args.note}
-    results = smollm2(settings["smollm2_windows"])
-    folder = Path(tempfile.mkdtemp(prefix="llmslim-big-"))
-    try:
-        n = write_big(folder, settings["big_layers"])
-        out = subprocess.run([sys.executable, __file__, "--child", str(folder), "--windows", str(settings["big_windows"])],
-                             check=True, capture_output=True, text=True).stdout
-        big = json.loads(out.strip().splitlines()[-1])
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
-    results.update({"big_params": n, "big_fp32_mib": n * 4 / 2**20, "big_seconds": big["seconds"],
-                    "big_peak_rss_growth_mib": big["peak_rss_growth"] / 2**20, "big_tokens": big["tokens"]})
+    results: dict = {}
+    if args.part != "all":  # keep the other part's figures, with the note they were recorded with
+        previous = json.loads((Path(__file__).parent / "results" / f"calibration{'-quick' if args.quick else ''}.json").read_text())
+        settings = {**previous["settings"], f"{args.part}_note": args.note, "note": previous["settings"].get("note", "")}
+        results = dict(previous["results"])
+    if args.part in ("all", "smollm2"):
+        results.update(smollm2(settings["smollm2_windows"]))
+    if args.part in ("all", "big"):
+        folder = Path(tempfile.mkdtemp(prefix="llmslim-big-"))
+        try:
+            n = write_big(folder, settings["big_layers"])
+            out = subprocess.run([sys.executable, __file__, "--child", str(folder), "--windows", str(settings["big_windows"])],
+                                 check=True, capture_output=True, text=True).stdout
+            big = json.loads(out.strip().splitlines()[-1])
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        results.update({"big_params": n, "big_fp32_mib": n * 4 / 2**20, "big_seconds": big["seconds"],
+                        "big_peak_rss_growth_mib": big["peak_rss_growth"] / 2**20, "big_tokens": big["tokens"]})
     print_table("calibration engine", ["measure", "value"], [[k, v] for k, v in results.items()])
     print(f"wrote {write_result('calibration', settings, results, quick=args.quick)}")
 

@@ -17,7 +17,7 @@ from ..errors import CalibrationError
 from ._blocks import find_blocks
 from ._capture import BlockInput, capture_inputs, first_tensor, replace_hidden, to_device, token_mask, without_cache
 from ._dist import all_reduce_, global_sum, shard, world
-from ._memory import PeakMemory
+from ._memory import PeakMemory, return_free_memory
 from ._stats import InputStats, input_width, layer_input
 from ._weights import ShardedWeights
 
@@ -102,10 +102,13 @@ class _Enough(Exception):
 
 
 def _run_block(block: nn.Module, inputs: list[BlockInput], device: torch.device, *, keep: bool, store: torch.device,
-               on_batch: Callable[[BlockInput], None] | None = None) -> list[torch.Tensor] | None:
+               on_batch: Callable[[BlockInput], None] | None = None, consume: bool = False) -> list[torch.Tensor] | None:
+    # consume: this is the block's last forward and its outputs feed the next block, so each
+    # batch's output replaces its input in ``inputs`` at once: one copy of the activations lives,
+    # not two
     outputs = []
     with torch.no_grad():
-        for inp in inputs:
+        for j, inp in enumerate(inputs):
             if on_batch is not None:
                 on_batch(inp)
             try:
@@ -115,6 +118,8 @@ def _run_block(block: nn.Module, inputs: list[BlockInput], device: torch.device,
                 continue
             if keep:
                 outputs.append(out.to(store))
+                if consume:
+                    inputs[j] = replace_hidden(inp, outputs[-1])
     return outputs if keep else None
 
 
@@ -257,6 +262,9 @@ def calibrate(
             outputs = None
             fresh: list[torch.Tensor] | None = None  # outputs of a forward no solve has changed since
             fingerprint = _fingerprint(block)
+            active = [s for s in solvers if any(item[0] is s for item in work[i])]
+            # with original outputs and a single forward in the block, that forward's outputs are final
+            one_forward = propagate == "original" and len(active) == 1 and not getattr(active[0], "sequential", False)
             for solver in solvers:
                 items = [item for item in work[i] if item[0] is solver]
                 if not items:
@@ -266,7 +274,8 @@ def calibrate(
                 sequential = getattr(solver, "sequential", False)
                 for k, batch_of_groups in enumerate([[g] for g in groups] if sequential else [groups]):
                     def run(set_mask: Callable[[torch.Tensor | None], None]) -> list[torch.Tensor] | None:
-                        return _run_block(block, inputs, device, keep=True, store=store, on_batch=lambda inp: set_mask(inp.mask))
+                        return _run_block(block, inputs, device, keep=True, store=store, on_batch=lambda inp: set_mask(inp.mask),
+                                          consume=one_forward)
 
                     last = not sequential or k == len(groups) - 1
                     need_original = propagate == "original" and outputs is None  # the whole block must run once
@@ -278,7 +287,7 @@ def calibrate(
                     if _fingerprint(block) != fingerprint:
                         fresh, fingerprint = None, _fingerprint(block)
             if outputs is None:
-                outputs = fresh if fresh is not None else _run_block(block, inputs, device, keep=True, store=store)
+                outputs = fresh if fresh is not None else _run_block(block, inputs, device, keep=True, store=store, consume=True)
             for out in outputs:
                 if not torch.isfinite(out).all():
                     raise CalibrationError(f"block {bname!r}: its outputs contain NaN or Inf")
@@ -290,6 +299,7 @@ def calibrate(
                 weights.release_(block)
             else:
                 block.to(home)
+            return_free_memory()
         if outside:
             _solve_outside(model, outside, batches, ctx, device, rows, index)
     return CalibrationResult(
@@ -355,6 +365,7 @@ def _capture_from_disk(model: nn.Module, block_list: list[tuple[str, nn.Module]]
             h.remove()
         for module in loaded.values():  # not needed again: free them now
             weights.release_(module)
+        return_free_memory()
     return inputs
 
 

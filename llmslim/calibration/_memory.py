@@ -10,9 +10,31 @@ from types import TracebackType
 
 import torch
 
-__all__ = ["rss_bytes", "PeakMemory"]
+__all__ = ["rss_bytes", "PeakMemory", "return_free_memory"]
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+_TRIM: list = []  # glibc's malloc_trim, looked up once ([None] where there is none)
+
+
+def return_free_memory() -> None:
+    """Hand freed heap pages back to the operating system (glibc ``malloc_trim``; else nothing).
+
+    glibc keeps freed memory below its mmap threshold (which rises to 32 MiB as large blocks
+    are freed) mapped for reuse; after a block's activations and statistics are freed, the next
+    block's allocations fit those holes badly and resident memory creeps up block by block.
+    The calibration engine calls this after each block.
+    """
+    if not _TRIM:
+        try:
+            import ctypes
+
+            _TRIM.append(ctypes.CDLL("libc.so.6").malloc_trim)
+        except (OSError, AttributeError):  # not glibc
+            _TRIM.append(None)
+    if _TRIM[0] is not None:
+        _TRIM[0](0)
 
 
 def rss_bytes() -> int:
