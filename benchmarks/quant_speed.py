@@ -1,5 +1,6 @@
 """Speed of packed low-bit layers: ``QuantLinear`` against float32 ``F.linear``, and whole
-SmolLM2-135M (prefill, decode, perplexity) float32 vs ``rtn`` int4 g64 vs ``rtn`` int8.
+SmolLM2-135M (prefill, decode, perplexity) float32 vs ``rtn`` int4 g64 vs ``rtn`` int8; and the
+``w8a8`` layer and ``smoothquant`` + ``w8a8`` SmolLM2 (benchmarks/_w8a8_speed.py).
 
 Layers: 4096x4096 and 4096x11008 (out x in), 1 token (decoding) and 128 tokens (prefill),
 float32 in and out, int8 per channel (symmetric) and int4 g128 (asymmetric). Candidates of one
@@ -7,7 +8,7 @@ shape and token count are timed interleaved in one process. torchao's weight-onl
 (``Int8WeightOnlyConfig``, ``Int4WeightOnlyConfig``, eager, bfloat16 in and out as they are
 meant to be used) join when torchao is installed.
 
-Run:  python benchmarks/quant_speed.py [--quick]; then python benchmarks/render_docs.py
+Run:  python benchmarks/quant_speed.py [--quick] [--only w8a8]; then python benchmarks/render_docs.py
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import interleaved, machine_line, print_table, table, write_result  # noqa: E402
+import _w8a8_speed  # noqa: E402
 from llmslim import compress_, data, evaluate, models  # noqa: E402
 from llmslim.quant import RTN, QuantLinear  # noqa: E402
 from llmslim.testing import make_weight  # noqa: E402
@@ -149,18 +151,25 @@ def render_markdown(payload: dict) -> str:
         f"Whole model, batch 1: perplexity on the first {s['windows']} windows of the default protocol; speed "
         f"as in the baseline (median of {s['repeat']} interleaved runs, 32 decoded tokens). `rtn int4 g64` and "
         f"`rtn int8` quantize every linear layer except `lm_head`.\n\n{smol}"
-    )
+    ) + (f"\n\n{_w8a8_speed.render_markdown(r['w8a8'])}" if "w8a8" in r else "")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats and perplexity windows")
+    parser.add_argument("--only", choices=["w8a8"], help="run only this part (written to results/quant_speed_w8a8[-quick].json)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (1 resists a crowded machine: no spinning barriers)")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    settings = {"threads": 2, "repeat": 5 if args.quick else 15, "windows": 4 if args.quick else 64, "layers": {n: dict(c) for n, c in LAYERS.items()}}
+    if args.only == "w8a8":
+        part = _w8a8_speed.run(args.quick, args.threads)
+        print(f"wrote {write_result('quant_speed_w8a8', part.pop('settings'), part, quick=args.quick)}")
+        return
+    settings = {"threads": args.threads, "repeat": 5 if args.quick else 15, "windows": 4 if args.quick else 64, "layers": {n: dict(c) for n, c in LAYERS.items()}}
     layers = layer_speed(settings["repeat"])
     results = {"layers": layers, "targets": _targets(layers), "smollm2": smollm2(settings["windows"], 3 if args.quick else 5)}
+    results["w8a8"] = _w8a8_speed.run(args.quick, args.threads)
     print_table("targets", ["shape", "tokens", "layer", "target", "speedup", "met"], [list(t.values()) for t in results["targets"]])
     print_table("SmolLM2-135M", ["variant", *next(iter(results["smollm2"].values()))], [[n, *v.values()] for n, v in results["smollm2"].items()])
     print(f"wrote {write_result('quant_speed', settings, results, quick=args.quick)}")
