@@ -97,10 +97,12 @@ def _original(module: nn.Module) -> torch.Tensor:
 
 
 def _only_mask(module: nn.Module, name: str) -> Mask:
+    # One Mask, first in the chain: parametrizations after it (QAT's fake quantization) see the
+    # masked weight, and baking removes the mask alone.
     chain = list(module.parametrizations["weight"])
-    if len(chain) != 1 or not isinstance(chain[0], Mask):
+    if not chain or not isinstance(chain[0], Mask) or any(isinstance(p, Mask) for p in chain[1:]):
         kinds = [type(p).__name__ for p in chain]
-        raise ConfigError(f"module {name!r}: weight parametrizations must be a pruning Mask alone (got {kinds})")
+        raise ConfigError(f"module {name!r}: weight parametrizations must be a pruning Mask alone or first (got {kinds})")
     return chain[0]
 
 
@@ -150,12 +152,13 @@ def bake_(module: nn.Module, name: str = "") -> torch.Tensor:
     """Bake the mask into the weight and remove the parametrization; return the weight.
 
     The weight stays the same ``Parameter`` object (an optimizer built before pruning keeps
-    training it), zeroed in place where pruned; journal the module first inside a pass. The
+    training it), zeroed in place where pruned; parametrizations after the mask (QAT's fake
+    quantization) stay on it, over the zeroed original; journal the module first inside a pass. The
     parametrization is removed by swapping dict entries and the class back, which the rollback
     journal undoes by itself.
 
     Raises:
-        ConfigError: No mask, or the weight carries other parametrizations.
+        ConfigError: No mask, or the weight carries other parametrizations before it.
 
     Example:
         >>> layer = torch.nn.Linear(2, 1, bias=False)
@@ -171,6 +174,9 @@ def bake_(module: nn.Module, name: str = "") -> torch.Tensor:
     with torch.no_grad():
         original.masked_fill_(~mask.mask, 0)
     holder = module._modules["parametrizations"]
+    if len(holder._modules["weight"]) > 1:  # e.g. fake quantization after the mask: keep the rest
+        del holder._modules["weight"][0]
+        return original
     del holder._modules["weight"]
     cls = type(module)
     if not holder._modules:  # nothing else parametrized: back to the plain class

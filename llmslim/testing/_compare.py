@@ -113,6 +113,7 @@ def nonfinite(t: torch.Tensor) -> str | None:
     if not (t.is_floating_point() or t.is_complex()) or t.device.type == "meta" or t.numel() == 0:
         return None
     with torch.no_grad():
+        t = _widen(t)
         finite = torch.isfinite(t)
         if bool(finite.all()):
             return None
@@ -181,6 +182,12 @@ def split_name(qualified: str) -> tuple[str, str]:
     return module, leaf
 
 
+def _widen(t: torch.Tensor) -> torch.Tensor:
+    # float8 tensors (fp8 weights) lack most ops (isfinite, isclose, subtraction): compare them
+    # as float32, which holds every float8 value exactly
+    return t.float() if t.is_floating_point() and t.element_size() == 1 else t
+
+
 def _bytes_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     try:
         return torch.equal(a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8))
@@ -209,6 +216,8 @@ def tensor_diff(a: torch.Tensor, b: torch.Tensor, *, atol: float = 0.0, rtol: fl
         if atol == 0.0 and rtol == 0.0:
             if _bytes_equal(a, b):
                 return None
+        a, b = _widen(a), _widen(b)
+        if atol == 0.0 and rtol == 0.0:
             if a.is_floating_point():
                 differ = ~((a == b) & (torch.signbit(a) == torch.signbit(b))) & ~(torch.isnan(a) & torch.isnan(b))
             else:
