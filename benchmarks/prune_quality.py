@@ -24,15 +24,24 @@ The ablation varies one thing at a time from the 50% configurations: calibration
 true-sequential solving, propagation of the pruned outputs (Wanda), and OWL's non-uniform layer
 sparsity (also at 70%, where it matters most).
 
+Sparse and quantized together: Wanda or SparseGPT at 50% followed by GPTQ int4 with groups of 64
+(``storage="sparse"``: a bitmask plus the non-zero codes, :class:`~llmslim.quant.SparseQuantLinear`),
+SparseGPT quantizing in the same sweep (``bits=4``), and GPTQ int4 g64 alone for reference; bytes
+per weight of the same linear layers (codes, mask or indices, scales, zero points).
+
 Run:  python benchmarks/prune_quality.py [--quick]; then python benchmarks/render_docs.py
 Smaller full-mode run:  --calibration 16 --windows 8 --ablation-calibration 8
+One section into the existing results (merged per key):  --only sparsegpt-50+gptq4 ... --no-ablation
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import fcntl
+import json
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -48,12 +57,14 @@ import llmslim as ls  # noqa: E402
 from _common import machine_line, print_table, table, write_result  # noqa: E402
 from llmslim import data, evaluate, models  # noqa: E402
 from llmslim.prune import Magnitude, SparseGPT, Wanda  # noqa: E402
+from llmslim.quant import GPTQ, QuantLinear, SparseQuantLinear  # noqa: E402
 
 TARGETS = ("model.layers.*",)
 # Perplexity ratios to dense the issue sets for SmolLM2 (with up to 128 calibration windows)
 RATIO_TARGETS = {"sparsegpt-50": 1.35, "sparsegpt-2:4": 1.9, "wanda-50": 1.6, "wanda-2:4": 4.5}
 SPARSEGPT_SECONDS_32 = 80.0  # SparseGPT with 32 windows, this CPU
 WANDA_FORWARDS = 1.2  # Wanda's time over one float32 forward of the same batches
+SPARSE_INT4_BYTES = 0.45  # sparse int4 storage of the linear layers, bytes per weight (values, mask, scales)
 
 Run = Callable[[nn.Module, list], dict[str, Any]]
 
@@ -152,6 +163,43 @@ METHODS: dict[str, tuple[str, str, Run]] = {
     "torchao-wanda-2:4": ("torchao WandaSparsifier", "2:4", _torchao_wanda(4)),
 }
 
+def _compressed(make: Callable[[], list]) -> Run:
+    """Prune and/or quantize with compress_; measure the quantized linear layers of the blocks."""
+
+    def run(model: nn.Module, batches: list) -> dict[str, Any]:
+        start = time.perf_counter()
+        report = ls.compress_(model, *make(), calibration=batches, progress=False)
+        seconds = time.perf_counter() - start
+        layers = [m for n, m in model.named_modules()
+                  if n.startswith("model.layers.") and isinstance(m, (QuantLinear, SparseQuantLinear))]
+        weights = sum(m.in_features * m.out_features for m in layers)
+        stored = sum(m.bytes_per_weight * m.in_features * m.out_features for m in layers)
+        zeros = sum(m.weight_sparsity * m.in_features * m.out_features for m in layers)
+        rows = [r for c in report.children for r in c.rows if "storage" in r.info]
+        return {
+            "layers": len(layers),
+            "sparsity": zeros / weights,
+            "bytes_per_weight": stored / weights,
+            "bytes_ratio": stored / (2 * weights),
+            "storage": sorted({r.info["storage"] for r in rows}),
+            "prune_s": seconds,
+        }
+
+    return run
+
+
+_G64 = {"bits": 4, "group_size": 64}
+# key -> (method, run): sparse and quantized together (and int4 alone for reference)
+SPARSE_QUANT: dict[str, tuple[str, Run]] = {
+    "gptq4": ("gptq int4 g64 (dense)", _compressed(lambda: [GPTQ(**_G64)])),
+    "wanda-50+gptq4": ("wanda 50%, then gptq int4 g64, sparse storage",
+                       _compressed(lambda: [Wanda(targets=TARGETS), GPTQ(**_G64, storage="sparse")])),
+    "sparsegpt-50+gptq4": ("sparsegpt 50%, then gptq int4 g64, sparse storage",
+                           _compressed(lambda: [SparseGPT(targets=TARGETS), GPTQ(**_G64, storage="sparse")])),
+    "sparsegpt-50-joint4": ("sparsegpt 50% quantizing int4 g64 in the same sweep, sparse storage",
+                            _compressed(lambda: [SparseGPT(targets=TARGETS, storage="compressed", **_G64)])),
+}
+
 # key -> (what changes, run, calibration windows: None = the main setting, "small" = --ablation-calibration)
 ABLATION: dict[str, tuple[str, Run, Any]] = {
     "sparsegpt-50-small": ("sparsegpt 50%, fewer calibration windows", _llmslim(_pass(SparseGPT)), "small"),
@@ -189,16 +237,28 @@ def render_markdown(payload: dict) -> str:
         [[what, r[key]["calibration"], r[key]["perplexity"], _ratio(r, key), r[key]["kl"], r[key]["prune_s"]]
          for key, (what, _, _) in ABLATION.items() if key in r],
     )
+    together = table(
+        ["configuration", "calibration windows", "sparsity", "perplexity", "ratio to dense", "KL to dense (nats)",
+         "bytes / weight", "compress (s)"],
+        [[what, r[key]["calibration"], r[key]["sparsity"], r[key]["perplexity"], _ratio(r, key), r[key]["kl"],
+          r[key]["bytes_per_weight"], r[key]["prune_s"]] for key, (what, _) in SPARSE_QUANT.items() if key in r],
+    )
     checks = table(["target", "measured", "met"], [[t, m, "yes" if ok else "no"] for t, m, ok in _targets(r, s)])
     return (
-        f"{machine_line(payload)} SmolLM2-135M-Instruct, the {r['magnitude-50']['layers']} linear layers of "
+        f"{machine_line(payload)} SmolLM2-135M-Instruct, the {_layer_count(r)} linear layers of "
         f"`model.layers.*` pruned; calibration: {s['calibration']} windows of {s['seq_len']} tokens of the "
         f"calibration split; perplexity and KL on the first {s['windows']} windows of {s['seq_len']} tokens of the "
         f"evaluation split (`{s['protocol']}` protocol). Weight bytes: the compressed storage `finalize` leaves "
         f"(float16 values plus a bitmask, or 2-bit indices for 2:4) over the same layers' dense float16 bytes. "
         f"One float32 forward of the dense model over the calibration batches takes {r['forward_s']:.1f} s.\n\n{body}\n\n"
-        f"Ablation (one change from the 50% configuration each):\n\n{ablation}\n\nTargets:\n\n{checks}"
+        f"Ablation (one change from the 50% configuration each):\n\n{ablation}\n\n"
+        f"Sparse and quantized together (bytes per weight of the same layers: codes, bitmask or N:M indices, "
+        f"bfloat16 scales and int8 zero points; dense float16 is 2):\n\n{together}\n\nTargets:\n\n{checks}"
     )
+
+
+def _layer_count(r: dict) -> Any:
+    return next((r[k]["layers"] for k in [*METHODS, *SPARSE_QUANT] if k in r), "?")
 
 
 def _targets(r: dict, s: dict) -> list[tuple[str, str, bool]]:
@@ -214,6 +274,10 @@ def _targets(r: dict, s: dict) -> list[tuple[str, str, bool]]:
         if key in r:
             times = r[key]["prune_s"] / r["forward_s"]
             out.append((f"{key} <= {WANDA_FORWARDS}x one float32 forward", f"{times:.2f}x", times <= WANDA_FORWARDS))
+    for key in SPARSE_QUANT:
+        if key in r and r[key]["sparsity"] >= 0.5:
+            got = r[key]["bytes_per_weight"]
+            out.append((f"{key}: sparse int4 storage <= {SPARSE_INT4_BYTES} bytes/weight", f"{got:.4f}", got <= SPARSE_INT4_BYTES))
     return out
 
 
@@ -260,8 +324,13 @@ def main() -> None:
     batches = data.calibration_batches(text=split.calibration, n_samples=settings["calibration"], seq_len=settings["seq_len"])
     small = data.calibration_batches(text=split.calibration, n_samples=settings["ablation_calibration"], seq_len=settings["seq_len"])
     measure = {"seq_len": settings["seq_len"], "max_windows": settings["windows"], "progress": False}
-    results: dict[str, Any] = {"dense_perplexity": evaluate.perplexity(dense, split.evaluation, **measure),
-                               "forward_s": _forward_seconds(dense, batches)}
+    old = _existing(args.quick) if args.only is not None else None
+    if old is not None and all(old["settings"].get(k) == settings[k] for k in ("windows", "seq_len", "protocol")):
+        # a partial run into existing results: the dense figures are theirs (same evaluation windows)
+        results: dict[str, Any] = {k: old["results"][k] for k in ("dense_perplexity", "forward_s")}
+    else:
+        results = {"dense_perplexity": evaluate.perplexity(dense, split.evaluation, **measure),
+                   "forward_s": _forward_seconds(dense, batches)}
     print(f"dense perplexity {results['dense_perplexity']:.3f}; one forward over {len(batches)} windows {results['forward_s']:.1f}s", flush=True)
     chosen = [k for k in METHODS if args.only is None or k in args.only]
     if not _torchao_available():
@@ -274,6 +343,11 @@ def main() -> None:
             if args.only is None or key in args.only:
                 use = small if calib == "small" else batches
                 results[key] = _measure(key, run, dense, use, split.evaluation, measure, results)
+    for key, (_, run) in SPARSE_QUANT.items():
+        if args.only is None or key in args.only:
+            results[key] = _measure(key, run, dense, batches, split.evaluation, measure, results)
+            if args.only is not None:  # long sections: each result is kept as soon as it is measured
+                _write_merged(args.quick, settings, {key: results[key]})
 
     rows = [["dense", "-", 0.0, results["dense_perplexity"], 1.0, 0.0, "-", "-"]]
     for key in chosen:
@@ -283,7 +357,33 @@ def main() -> None:
     print_table("pruning quality, SmolLM2-135M", ["method", "pattern", "sparsity", "perplexity", "ratio", "KL", "bytes/fp16", "prune s"], rows)
     for target, measured, ok in _targets(results, settings):
         print(f"  {'met ' if ok else 'MISS'} {target}: {measured}")
-    print(f"wrote {write_result('prune_quality', settings, results, quick=args.quick)}")
+    for key, (what, _) in SPARSE_QUANT.items():
+        if key in results:
+            m = results[key]
+            print(f"  {what}: ratio {_ratio(results, key):.3f}, KL {m['kl']:.3f}, {m['bytes_per_weight']:.4f} bytes/weight")
+    if args.only is not None:  # a partial run: keep every other key of the existing results
+        print(f"wrote {_write_merged(args.quick, settings, results)}")
+    else:
+        print(f"wrote {write_result('prune_quality', settings, results, quick=args.quick)}")
+
+
+def _existing(quick: bool) -> dict | None:
+    path = Path(__file__).resolve().parent / "results" / f"prune_quality{'-quick' if quick else ''}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _write_merged(quick: bool, settings: dict, results: dict) -> Path:
+    """Write the existing result file with this run's method keys replaced (its settings and dense
+    figures kept; every entry records its own calibration windows); under a lock, for runs of
+    different sections at once."""
+    lock = Path(tempfile.gettempdir()) / "llmslim-prune_quality.lock"
+    with open(lock, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        old = _existing(quick)
+        if old is None:
+            return write_result("prune_quality", settings, results, quick=quick)
+        merged = {**old["results"], **{k: v for k, v in results.items() if k not in ("dense_perplexity", "forward_s")}}
+        return write_result("prune_quality", old["settings"], merged, quick=quick)
 
 
 if __name__ == "__main__":

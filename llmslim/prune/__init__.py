@@ -21,7 +21,7 @@ from __future__ import annotations
 from ._base import PruneBase
 from ._calibrated import CalibratedPrune
 from ._mask import Mask, bake_, from_rows, get_mask, is_transposed, masked_modules, rows_view, set_mask_, zero_pruned_
-from ._obs import ObsResult, inverse_hessian_factor, obs_prune, relative_output_error
+from ._obs import ObsResult, QuantGrid, inverse_hessian_factor, obs_prune, relative_output_error
 from ._owl import owl_sparsities
 from ._patterns import global_counts, lowest_mask, nm_mask, parse_pattern, prune_count, row_mask, unstructured_mask
 from ._schedule import SCHEDULES, Schedule, constant, cubic, linear
@@ -36,6 +36,7 @@ __all__ = [
     "Magnitude",
     "Mask",
     "ObsResult",
+    "QuantGrid",
     "PruneBase",
     "Schedule",
     "SparseGPT",

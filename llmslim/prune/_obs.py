@@ -15,6 +15,13 @@ applied once per block as a matrix product (SparseGPT's lazy batch updates).
 The mask is chosen on the way (adaptive mask selection): at each block's first column for
 unstructured patterns, at each group's first column for N:M, by the OBS saliency
 ``w^2 / [H^-1]_jj^2`` of the weights as the compensation left them.
+
+With a :class:`QuantGrid` the kept weights are also quantized (SparseGPT's joint sparsification
+and quantization: the GPTQ update with a mask). The pruning solve runs first and fixes the mask
+and each group's grid (fitted to the compensated weights it leaves: compensation moves kept
+weights far more than rounding does, so a grid fitted before it would clip them); a second sweep
+then visits the columns again with the error ``w_j - q_j``, ``q_j`` the grid value where kept and
+0 where pruned, so pruned weights stay exactly zero and kept ones absorb both errors.
 """
 
 from __future__ import annotations
@@ -25,14 +32,33 @@ import math
 import torch
 
 from ..errors import CalibrationError, ConfigError
+from ..quant._functional import code_range, quant_params
 from ._patterns import lowest_mask, nm_mask, prune_count, row_mask
 
-__all__ = ["ObsResult", "inverse_hessian_factor", "obs_prune", "relative_output_error"]
+__all__ = ["ObsResult", "QuantGrid", "inverse_hessian_factor", "obs_prune", "relative_output_error"]
 
 # Each failed Cholesky retries with ten times the damping: 1% -> 10% -> 100% -> 1000% -> 10000%
 # of the mean diagonal. Past 100% the Hessian barely matters and the solve tends to magnitude
 # pruning, still a valid answer; a Hessian that fails all of them holds NaN or Inf.
 RETRIES = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantGrid:
+    """The grid :func:`obs_prune` quantizes kept weights to (as :func:`~llmslim.quant.quant_params`).
+
+    Attributes:
+        bits: 2, 3, 4 or 8.
+        group_size: Columns per scale (a shorter last group where it does not divide the row),
+            or ``None`` for one per output row.
+        symmetric: Symmetric grid, or asymmetric with integer zero points.
+        scale_dtype: Storage dtype of the scales (they are rounded to it before codes are chosen).
+    """
+
+    bits: int
+    group_size: int | None = 128
+    symmetric: bool = False
+    scale_dtype: torch.dtype = torch.bfloat16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +73,9 @@ class ObsResult:
         dead: Inputs whose Hessian diagonal is zero (never non-zero on the calibration data).
         error: Relative output error on the calibration inputs, ``||(W - W') X^T|| / ||W X^T||``
             (``None`` when ``W X^T`` is zero).
+        codes, scale, zero: With a :class:`QuantGrid`: int8 codes ``[out, in]`` (the zero point
+            where pruned), scales and zero points ``[out, groups]`` (``zero`` ``None`` on a
+            symmetric grid); ``weight`` is then what they dequantize to. ``None`` otherwise.
     """
 
     weight: torch.Tensor
@@ -55,6 +84,9 @@ class ObsResult:
     retries: int
     dead: int
     error: float | None
+    codes: torch.Tensor | None = None
+    scale: torch.Tensor | None = None
+    zero: torch.Tensor | None = None
 
 
 def inverse_hessian_factor(hessian: torch.Tensor, damping: float, *, retries: int = RETRIES) -> tuple[torch.Tensor, float, int]:
@@ -126,6 +158,7 @@ def obs_prune(
     damping: float = 0.01,
     remainder: str = "error",
     pruned: torch.Tensor | None = None,
+    quant: QuantGrid | None = None,
 ) -> ObsResult:
     """Prune rows ``weight`` ``[out, in]`` with OBS updates from ``hessian`` ``[in, in]`` (SparseGPT).
 
@@ -142,6 +175,8 @@ def obs_prune(
             last, partial group stays).
         pruned: Boolean ``[out, in]``: weights already pruned (an earlier mask); they stay pruned
             and count towards the share of their block.
+        quant: Also quantize the kept weights to this grid, with the same error feedback (see
+            module docs); the result then carries ``codes``, ``scale`` and ``zero``.
 
     Returns:
         An :class:`ObsResult`. Inputs that never fired (zero Hessian diagonal) are pruned first:
@@ -159,6 +194,9 @@ def obs_prune(
         >>> magnitude = w * (w.abs() > w.abs().median())
         >>> int((out.weight == 0).sum()), round(out.error, 3), round(relative_output_error(w, magnitude, h), 3)
         (16, 0.103, 0.266)
+        >>> joint = obs_prune(w, h, sparsity=0.5, quant=QuantGrid(bits=4, group_size=4))
+        >>> tuple(joint.scale.shape), bool((joint.weight[~joint.keep] == 0).all()), round(joint.error, 3)
+        ((4, 2), True, 0.107)
     """
     if weight.dim() != 2 or hessian.shape != (weight.shape[1], weight.shape[1]):
         raise ConfigError(f"obs_prune: weight must be [out, in] and hessian [in, in] (got {tuple(weight.shape)} and {tuple(hessian.shape)})")
@@ -166,7 +204,7 @@ def obs_prune(
         raise ConfigError(f"obs_prune: block_size must be an integer >= 1 (got {block_size!r})")
     if scope not in ("layer", "row"):
         raise ConfigError(f"obs_prune: scope must be 'layer' or 'row' (got {scope!r})")
-    rows, cols = weight.shape
+    cols = weight.shape[1]
     full = cols
     if n_m is not None:
         n, m = n_m
@@ -174,23 +212,79 @@ def obs_prune(
         if full != cols and remainder != "dense":
             raise ConfigError(f"obs_prune: rows of {cols} weights do not split into groups of {m}; set remainder='dense'")
         block_size = -(-block_size // m) * m  # groups never straddle two blocks
-    h0 = hessian.float()
-    w = weight.detach().float().clone()
-    h = h0.clone()
-    dead = h.diagonal() == 0
-    h.diagonal()[dead] = 1.0  # no signal: any weight is optimal; the unit keeps the factorisation finite
-    forced = dead.unsqueeze(0).expand(rows, cols).clone()
-    if pruned is not None:
-        forced |= pruned.to(device=w.device, dtype=torch.bool)
-    w[forced] = 0.0
+    w, forced, dead = _start(weight, hessian, pruned)
     original = w.clone()  # what the layer computed before (already-pruned and dead-input weights read zeros)
-    u, used, tries = inverse_hessian_factor(h, damping)
+    u, used, tries = inverse_hessian_factor(_fixed(hessian), damping)
     keep = torch.ones_like(w, dtype=torch.bool)
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
         _solve_block(w, u, keep, forced, i1, i2, sparsity=sparsity, n_m=n_m, full=full, scope=scope)
     w[~keep] = 0.0
-    return ObsResult(w, keep, used, tries, int(dead.sum()), relative_output_error(original, w, h0))
+    if quant is None:
+        return ObsResult(w, keep, used, tries, int(dead.sum()), relative_output_error(original, w, hessian))
+    scale, zero = quant_params(w, bits=quant.bits, group_size=quant.group_size, symmetric=quant.symmetric,
+                               scale_dtype=quant.scale_dtype)
+    grid = _Grid(quant, scale, zero, w.shape)
+    w = _quantize_sweep(original.clone(), u, keep, grid, block_size)
+    return ObsResult(w, keep, used, tries, int(dead.sum()), relative_output_error(original, w, hessian), grid.codes, scale, zero)
+
+
+def _start(weight: torch.Tensor, hessian: torch.Tensor, pruned: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # (rows as float32 with forced entries zeroed, forced [out, in], dead inputs [in]); inputs
+    # that never fired (zero Hessian diagonal) and earlier masks are forced: pruned first
+    w = weight.detach().float().clone()
+    dead = hessian.diagonal() == 0
+    forced = dead.to(w.device).unsqueeze(0).expand_as(w).clone()
+    if pruned is not None:
+        forced |= pruned.to(device=w.device, dtype=torch.bool)
+    w[forced] = 0.0
+    return w, forced, dead
+
+
+def _fixed(hessian: torch.Tensor) -> torch.Tensor:
+    # float32 copy with a unit diagonal where it is zero: no signal there, so any weight is
+    # optimal, and the unit keeps the factorisation finite
+    h = hessian.float().clone()
+    h.diagonal()[h.diagonal() == 0] = 1.0
+    return h
+
+
+def _quantize_sweep(w: torch.Tensor, u: torch.Tensor, keep: torch.Tensor, grid: _Grid, block_size: int) -> torch.Tensor:
+    """The joint sweep over ``w`` (modified): quantize where ``keep``, zero elsewhere, feeding each
+    column's error ``(w_j - q_j) / d_j`` forward as the pruning solve does; returns ``w``."""
+    cols = w.shape[1]
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        wt = w[:, i1:i2].t().contiguous()  # a column is a contiguous row (see _solve_block)
+        kt, u1 = keep[:, i1:i2].t(), u[i1:i2, i1:i2]
+        err, done = torch.empty_like(wt), torch.empty_like(wt)
+        for j in range(i2 - i1):
+            done[j] = grid.round(i1 + j, wt[j], kt[j])
+            e = torch.div(wt[j] - done[j], u1[j, j], out=err[j])
+            wt[j:].addr_(u1[j, j:], e, alpha=-1.0)
+        w[:, i1:i2] = done.t()  # exact grid values, zeros where pruned
+        if i2 < cols:
+            w[:, i2:].addmm_(err.t(), u[i1:i2, i2:], alpha=-1.0)
+    return w
+
+
+class _Grid:
+    """Fixed grids (one scale and zero point per row and group) and the codes chosen on them."""
+
+    def __init__(self, quant: QuantGrid, scale: torch.Tensor, zero: torch.Tensor | None, shape: torch.Size) -> None:
+        self.qmin, self.qmax = code_range(quant.bits)
+        self.size = shape[1] if quant.group_size is None else quant.group_size
+        self.s = scale.float()
+        self.z = torch.zeros_like(self.s) if zero is None else zero.float()
+        self.codes = torch.empty(shape, dtype=torch.int8, device=scale.device)
+
+    def round(self, col: int, values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """Codes for column ``col`` (the zero point where not kept); returns the dequantized column."""
+        g = col // self.size
+        s, z = self.s[:, g], self.z[:, g]
+        q = torch.where(keep, torch.clamp(torch.round(values / s) + z, self.qmin, self.qmax), z)
+        self.codes[:, col] = q.to(torch.int8)
+        return (q - z) * s  # as dequantize computes it: exactly 0.0 where pruned
 
 
 def _salience(w1: torch.Tensor, diag: torch.Tensor, forced: torch.Tensor) -> torch.Tensor:
@@ -204,7 +298,9 @@ def _solve_block(w: torch.Tensor, u: torch.Tensor, keep: torch.Tensor, forced: t
     rows = w.shape[0]
     w1, u1, f1 = w[:, i1:i2], u[i1:i2, i1:i2], forced[:, i1:i2]
     diag = u1.diagonal()
-    keep1 = torch.ones_like(w1, dtype=torch.bool)
+    # forced weights (dead inputs, an earlier mask) are pruned whatever the pattern decides,
+    # also in the dense remainder columns of an N:M pattern
+    keep1 = ~f1
     if n_m is None:
         # Each block's share of the layer's (or row's) count, from the running totals, so the
         # shares add up to exactly what one unstructured or row mask would prune.
