@@ -109,3 +109,23 @@ def test_bad_configs(kwargs, pattern) -> None:
 def test_quantizing_twice_is_refused_up_front() -> None:
     with pytest.raises(ls.errors.OrderError, match="cannot run after pass 'rtn'"):
         ls.PassManager([RTN(), GPTQ()]).check()
+
+
+def test_weighted_grid_search_lowers_the_hessian_weighted_error_of_a_group() -> None:
+    from llmslim.quant import dequantize, quantize, search_params
+    from llmslim.quant.gptq import _weighted_mse_params
+
+    g = torch.Generator().manual_seed(3)
+    cols = torch.randn(32, 16, generator=g)
+    cols[:, 0] *= 6  # an outlier column that carries little of the output
+    importance = torch.rand(1, 16, generator=g) + 0.05
+    importance[0, 0] = 0.01
+
+    def weighted(s, z):
+        approx = dequantize(quantize(cols, s, z, bits=4, group_size=None), s, z, group_size=None)
+        return float(((approx - cols) ** 2 * importance).sum())
+
+    ours = weighted(*_weighted_mse_params(cols, importance, bits=4, symmetric=False, scale_dtype=torch.float32))
+    plain = weighted(*search_params(cols, bits=4, group_size=None, symmetric=False, method="mse", scale_dtype=torch.float32))
+    minmax = weighted(*search_params(cols, bits=4, group_size=None, symmetric=False, scale_dtype=torch.float32))
+    assert ours <= plain + 1e-9 and ours < minmax

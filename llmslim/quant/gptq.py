@@ -19,8 +19,9 @@ from .._targets import Target, replace_module_, select
 from .._validate import check_range, fail
 from ..calibration import CalibrationPass, InputStats
 from ._clip import search_params
-from ._functional import code_range
-from ._linear import SCALE_DTYPES, QuantLinear, float_weight
+from ._functional import code_range, dequantize, quant_params, quantize
+from ._linear import SCALE_DTYPES, float_weight
+from ._sparse import quantized_layer
 
 __all__ = ["GPTQ", "gptq_quantize"]
 
@@ -28,6 +29,29 @@ __all__ = ["GPTQ", "gptq_quantize"]
 def _group_bounds(in_features: int, group_size: int | None) -> list[tuple[int, int]]:
     size = in_features if group_size is None or group_size >= in_features else group_size
     return [(s, min(s + size, in_features)) for s in range(0, in_features, size)]
+
+
+_SHRINKS = torch.linspace(1.0, 0.5, 21).tolist()
+
+
+def _weighted_mse_params(cols: torch.Tensor, importance: torch.Tensor, *, bits: int, symmetric: bool,
+                         scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    # Each row's clipping of one group, chosen to minimize the squared error weighted by each
+    # column's Hessian diagonal (its share of the output error) instead of the plain weight MSE.
+    best_s = best_z = best_err = None
+    for f in _SHRINKS:
+        shrink = torch.full((cols.shape[0], 1), f)
+        s, z = quant_params(cols, bits=bits, group_size=None, symmetric=symmetric, scale_dtype=scale_dtype, shrink=shrink)
+        approx = dequantize(quantize(cols, s, z, bits=bits, group_size=None), s, z, group_size=None)
+        err = ((approx - cols) ** 2 * importance).sum(1, keepdim=True)
+        if best_err is None:
+            best_s, best_z, best_err = s, z, err
+            continue
+        better = err < best_err
+        best_err, best_s = torch.where(better, err, best_err), torch.where(better, s, best_s)
+        if z is not None:
+            best_z = torch.where(better, z, best_z)
+    return best_s, best_z  # type: ignore[return-value]
 
 
 def _inverse_cholesky(h: torch.Tensor, damp: float, retries: int = 4) -> tuple[torch.Tensor, float, int]:
@@ -72,7 +96,8 @@ def gptq_quantize(
         act_order: Quantize columns in order of decreasing Hessian diagonal. Group grids are then
             fixed up front from the original weight ("static groups"), so that they stay one per
             contiguous group in the stored layout.
-        clip: Grid search for each group (``"minmax"``, ``"mse"``, ``"hqq"``).
+        clip: Grid search for each group (``"minmax"``, ``"mse"``, ``"hqq"``); ``"mse"`` weights
+            each column's squared error by its Hessian diagonal (its share of the output error).
         keep_zeros: Boolean ``(out, in)``: entries forced to exactly 0 (pruned weights); the
             error of forcing them is fed back like any rounding error.
 
@@ -107,40 +132,55 @@ def gptq_quantize(
     scale = torch.empty(out_features, len(groups), dtype=scale_dtype)
     zero = None if symmetric else torch.empty(out_features, len(groups), dtype=torch.int8)
 
-    def fit(g: int, cols: torch.Tensor) -> None:
-        s, z = search_params(cols, bits=bits, group_size=None, symmetric=symmetric, method=clip, scale_dtype=scale_dtype)
+    hdiag = h.diagonal().float()
+
+    def fit(g: int, cols: torch.Tensor, idx: torch.Tensor) -> None:
+        if clip == "mse":  # GPTQ's own objective: each column's error weighted by its Hessian diagonal
+            s, z = _weighted_mse_params(cols, hdiag[idx][None, :], bits=bits, symmetric=symmetric, scale_dtype=scale_dtype)
+        else:
+            s, z = search_params(cols, bits=bits, group_size=None, symmetric=symmetric, method=clip, scale_dtype=scale_dtype)
         scale[:, g] = s[:, 0]
         if zero is not None:
             zero[:, g] = z[:, 0]
 
     if act_order:  # static groups: every grid from the original weight
-        original = w[:, torch.argsort(perm)]
+        unperm = torch.argsort(perm)
+        original = w[:, unperm]
         for g, (s, e) in enumerate(groups):
-            fit(g, original[:, s:e])
-    codes = torch.empty(out_features, columns, dtype=torch.int8)
+            fit(g, original[:, s:e], unperm[s:e])
+    # the loop walks columns: keep them contiguous (rows of the transpose) so every update reads
+    # and writes memory in order
+    wt = w.t().contiguous()
+    zeros_t = None if zeros_mask is None else zeros_mask.t().contiguous()
+    codes_t = torch.empty(columns, out_features, dtype=torch.int8)
     loss = torch.zeros(out_features)
     for start in range(0, columns, block_size):
         end = min(start + block_size, columns)
-        errors = torch.empty(out_features, end - start)
+        errors = torch.empty(end - start, out_features)
         for i in range(start, end):
             col = int(perm[i])
             g = int(group_of[col])
             if not act_order and col == groups[g][0]:  # dynamic groups: the grid from the updated columns
-                fit(g, w[:, i : i + groups[g][1] - groups[g][0]])
+                n = groups[g][1] - groups[g][0]
+                cols = wt[i : i + n].t()
+                if zeros_t is not None:  # pruned entries will be 0: they must not widen the grid
+                    cols = cols.masked_fill(zeros_t[i : i + n].t(), 0.0)
+                fit(g, cols, torch.arange(i, i + cols.shape[1]))
             sc = scale[:, g].float()
             zp = 0.0 if zero is None else zero[:, g].float()
-            q = torch.clamp(torch.round(w[:, i] / sc) + zp, qmin, qmax)
-            if zeros_mask is not None:
-                q = torch.where(zeros_mask[:, i], torch.as_tensor(zp, dtype=q.dtype).expand_as(q), q)
-            codes[:, i] = q.to(torch.int8)
-            dq = (q - zp) * sc
+            q = torch.clamp(torch.round(wt[i] / sc) + zp, qmin, qmax)
+            if zeros_t is not None:
+                q = torch.where(zeros_t[i], torch.as_tensor(zp, dtype=q.dtype).expand_as(q), q)
+            codes_t[i] = q.to(torch.int8)
+            diff = wt[i] - (q - zp) * sc
             d = upper[i, i]
-            err = (w[:, i] - dq) / d
-            loss += (w[:, i] - dq) ** 2 / d**2 / 2
-            w[:, i + 1 : end] -= err[:, None] * upper[i, i + 1 : end][None, :]
-            errors[:, i - start] = err
-        w[:, end:] -= errors @ upper[start:end, end:]
+            err = diff / d
+            loss += diff**2 / d**2 / 2
+            wt[i + 1 : end] -= torch.outer(upper[i, i + 1 : end], err)
+            errors[i - start] = err
+        wt[end:] -= upper[start:end, end:].t() @ errors
     inverse = torch.argsort(perm)
+    codes = codes_t.t()
     return {"codes": codes[:, inverse], "scale": scale, "zero": zero, "damp": used_damp, "retries": retries, "loss": float(loss.sum())}
 
 
@@ -150,7 +190,9 @@ class GPTQ(CalibrationPass):
 
     Needs calibration data (the engine's ``X^T X`` per layer). True-sequential by default: within
     a block, q/k/v are quantized first and o sees their quantized outputs, and so on. A pruned
-    weight (exact zero under a pruning mask) stays exactly zero; its error is fed back.
+    weight stays exactly zero, whether a pruning mask still holds it or it was baked in (every
+    weight that is exactly 0.0 counts as pruned): its code is the zero point and its error is fed
+    back, so the error feedback never revives it.
 
     Args:
         bits: Code width: 2, 3, 4 or 8.
@@ -163,6 +205,10 @@ class GPTQ(CalibrationPass):
         act_order: Columns in order of decreasing Hessian diagonal, with static groups.
         clip: Each group's grid: ``"minmax"``, ``"mse"`` or ``"hqq"``.
         true_sequential: Solve one input group at a time within a block.
+        storage: ``"packed"`` (every code stored; the CPU int4/int8 kernels) or ``"sparse"``: a
+            layer with zeros stores only its non-zero codes plus a bitmask or N:M indices
+            (:class:`~llmslim.quant.SparseQuantLinear`) where that is smaller than packed; each
+            row's ``info["storage"]`` says which.
         blocks, propagate: As :class:`~llmslim.calibration.CalibrationPass`.
 
     Raises:
@@ -189,6 +235,7 @@ class GPTQ(CalibrationPass):
     act_order: bool = False
     clip: Literal["minmax", "mse", "hqq"] = "minmax"
     true_sequential: bool = True
+    storage: Literal["packed", "sparse"] = "packed"
 
     produces: ClassVar[frozenset[str]] = frozenset({"packed"})
     rejects_after: ClassVar[Mapping[str, str]] = {"packed": "the weights are already quantized"}
@@ -223,14 +270,15 @@ class GPTQ(CalibrationPass):
         started, before = time.perf_counter(), self.measure(module)
         w, bias = float_weight(module)
         hessian = stats.hessian()
-        masked = torch.nn.utils.parametrize.is_parametrized(module, "weight")
+        zeros = w == 0  # pruned weights, masked or baked in: they stay exactly zero
         result = gptq_quantize(
             w, hessian, bits=self.bits, group_size=self.group_size, symmetric=self.symmetric,
             scale_dtype=SCALE_DTYPES[self.scale_dtype], damp=self.damp, block_size=self.block_size,
-            act_order=self.act_order, clip=self.clip, keep_zeros=(w == 0) if masked else None,
+            act_order=self.act_order, clip=self.clip, keep_zeros=zeros if bool(zeros.any()) else None,
         )
-        new = QuantLinear.from_codes(result["codes"], result["scale"], result["zero"], bits=self.bits,
-                                     group_size=self.group_size, bias=bias, weight_dtype=w.dtype)
+        new, stored = quantized_layer(result["codes"], result["scale"], result["zero"], bits=self.bits,
+                                      group_size=self.group_size, bias=bias, weight_dtype=w.dtype,
+                                      sparse=self.storage == "sparse")
         if ctx.model is None:
             raise RuntimeError("GPTQ.solve runs inside the calibration engine, which sets ctx.model")
         replace_module_(ctx.model, name, new)
@@ -239,5 +287,6 @@ class GPTQ(CalibrationPass):
         denominator = torch.einsum("oi,ij,oj->", w.double(), h, w.double()).item()
         error = torch.einsum("oi,ij,oj->", delta, h, delta).item() / denominator if denominator > 0 else 0.0
         return self.row(name, new, before, started=started, error=math.sqrt(max(error, 0.0)), group_size=new.group_size,
-                        symmetric=self.symmetric, kernel=new.kernel, damp=result["damp"], cholesky_retries=result["retries"])
+                        symmetric=self.symmetric, kernel=new.kernel, damp=result["damp"], cholesky_retries=result["retries"],
+                        storage=stored)
 
