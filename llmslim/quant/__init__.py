@@ -7,7 +7,14 @@
 * :class:`QuantLinear` (packed weights; ``torch._weight_int8pack_mm`` and
   ``torch._weight_int4pack_mm_for_cpu`` for few tokens, dequantize-and-GEMM in bfloat16 for many)
   and :class:`QuantEmbedding` (int8 tables; a tied ``lm_head`` shares them).
+* :class:`SparseQuantLinear`: a pruned and quantized layer storing only its non-zero codes plus
+  a bitmask or N:M indices (``storage="sparse"`` of :class:`RTN` and :class:`GPTQ`).
 * :class:`RTN`, registered as ``rtn``: round-to-nearest, data-free.
+* :class:`Int8DynamicLinear` (int8 weights times per-token int8 activations, an int8 GEMM) and
+  the passes :class:`W8A8` (``w8a8``) and :class:`SmoothQuant` (``smoothquant``, calibrated
+  outlier migration that keeps the float function) that prepare and produce it.
+* :class:`FP8`, registered as ``fp8``: float8 e4m3 weights (:class:`FP8Linear`), a scale per channel.
+* :class:`QAT`, registered as ``qat``: quantization-aware training (:class:`FakeQuant`), packed by ``finalize``.
 
 See docs/quantization.md.
 
@@ -30,19 +37,37 @@ from ._kernels import DECODE_MAX_TOKENS, release_workspace
 from ._linear import QuantLinear
 from ._packing import pack, row_bytes, unpack
 from ._rtn import RTN
+from ._sparse import SparseQuantLinear
 from .gptq import GPTQ, gptq_quantize
+from ._w8a8 import Int8DynamicLinear
+from .smoothquant import SmoothQuant
+from .w8a8 import W8A8
+from ._fakequant import FakeQuant
+from ._fp8 import FP8Linear, fp8_dequantize, fp8_quantize
+from .fp8 import FP8
+from .qat import QAT
 
 __all__ = [
     "BITS",
     "CLIP_METHODS",
     "DECODE_MAX_TOKENS",
+    "FakeQuant",
+    "FP8",
+    "FP8Linear",
+    "Int8DynamicLinear",
     "QuantEmbedding",
     "QuantLinear",
     "GPTQ",
+    "QAT",
     "RTN",
+    "SparseQuantLinear",
+    "SmoothQuant",
+    "W8A8",
     "code_range",
     "dequantize",
     "fake_quantize",
+    "fp8_dequantize",
+    "fp8_quantize",
     "gptq_quantize",
     "num_groups",
     "pack",
