@@ -12,7 +12,7 @@ from torch import nn
 from .._context import Context
 from .._pass import PassBase
 from .._report import ModuleRow, Report
-from .._targets import Target, replace_module_, select
+from .._targets import Target, replace_module_
 from ._fp8 import FP8_SCALE_DTYPES, FP8Linear
 from ._functional import relative_error
 from ._linear import float_weight
@@ -61,11 +61,6 @@ class FP8(PassBase):
     def declares(self) -> dict[str, Any]:
         """Every reported module stores 8 bits per weight."""
         return {"bits": 8.0}
-
-    def select(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
-        default = type(self).__dataclass_fields__["targets"].default  # covers several architectures: no warnings
-        return select(model, self.targets, self.ignore, accepts=self.accepts, owner=f"pass {self.label!r}",
-                      warn_unmatched=self.targets != default)
 
     def apply(self, model: nn.Module, ctx: Context) -> Report:
         scale_dtype = FP8_SCALE_DTYPES[self.scale_dtype]

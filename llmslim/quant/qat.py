@@ -14,7 +14,7 @@ from torch.nn.utils import parametrize
 from .._context import Context
 from .._pass import PassBase
 from .._report import ModuleRow, Report
-from .._targets import Target, replace_module_, select
+from .._targets import Target, replace_module_
 from .._validate import fail
 from ..errors import ConfigError, TargetError
 from ._fakequant import FakeQuant, get_fake_quant, pre_quant_weight
@@ -86,11 +86,6 @@ class QAT(PassBase):
     def validate(self) -> None:
         if self.group_size is not None and self.group_size < 1:
             fail(self.label, "group_size", "a positive integer or None", self.group_size)
-
-    def select(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
-        default = type(self).__dataclass_fields__["targets"].default  # covers several architectures: no warnings
-        return select(model, self.targets, self.ignore, accepts=self.accepts, owner=f"pass {self.label!r}",
-                      warn_unmatched=self.targets != default)
 
     def fake_quant(self, module: nn.Module) -> FakeQuant:
         """The parametrization this pass puts on ``module.weight``."""

@@ -13,7 +13,7 @@ from torch import nn
 from .._context import Context
 from .._pass import PassBase
 from .._report import Report
-from .._targets import Target, replace_module_, select
+from .._targets import Target, replace_module_
 from ._functional import relative_error
 from ._linear import float_weight
 from ._w8a8 import Int8DynamicLinear
@@ -62,11 +62,6 @@ class W8A8(PassBase):
     def declares(self) -> dict[str, float]:
         """Every reported module stores 8 bits per weight."""
         return {"bits": 8.0}
-
-    def select(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
-        default = type(self).__dataclass_fields__["targets"].default  # covers several architectures: no warnings
-        return select(model, self.targets, self.ignore, accepts=self.accepts, owner=f"pass {self.label!r}",
-                      warn_unmatched=self.targets != default)
 
     def apply(self, model: nn.Module, ctx: Context) -> Report:
         rows = []
