@@ -202,8 +202,10 @@ class GPTQ(CalibrationPass):
         scale_dtype: ``"bfloat16"`` (the CPU kernels' dtype), ``"float16"`` or ``"float32"``.
         damp: Fraction of the Hessian's mean diagonal added to it (retried x10 on failure).
         block_size: Columns per lazy batch update.
-        act_order: Columns in order of decreasing Hessian diagonal, with static groups.
-        clip: Each group's grid: ``"minmax"``, ``"mse"`` or ``"hqq"``.
+        act_order: Columns in order of decreasing Hessian diagonal, with static groups (the
+            default: without it, int4 g64 on SmolLM2 loses 1.19x perplexity instead of 1.11x).
+        clip: Each group's grid: ``"mse"`` (the default: the clipping with the lowest squared
+            error, each column weighted by its Hessian diagonal), ``"minmax"`` or ``"hqq"``.
         true_sequential: Solve one input group at a time within a block.
         storage: ``"packed"`` (every code stored; the CPU int4/int8 kernels) or ``"sparse"``: a
             layer with zeros stores only its non-zero codes plus a bitmask or N:M indices
@@ -232,8 +234,8 @@ class GPTQ(CalibrationPass):
     scale_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     damp: float = 0.01
     block_size: int = 128
-    act_order: bool = False
-    clip: Literal["minmax", "mse", "hqq"] = "minmax"
+    act_order: bool = True  # with clip="mse": 1.05x float32 perplexity at int4 g64 on SmolLM2 (quant_quality ablation)
+    clip: Literal["minmax", "mse", "hqq"] = "mse"
     true_sequential: bool = True
     storage: Literal["packed", "sparse"] = "packed"
 
