@@ -30,6 +30,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ._kernels import cpu_gemm_dtype, workspace
+from ._packed import PackedLinear
 
 __all__ = ["FP8_MAX", "FP8_SCALE_DTYPES", "FP8Linear", "fp8_quantize", "fp8_dequantize", "to_fp8", "fp8_to_bfloat16", "scaled_mm_available"]
 
@@ -173,7 +174,7 @@ def scaled_mm_available(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device) >= (8, 9)
 
 
-class FP8Linear(nn.Module):
+class FP8Linear(PackedLinear):
     """A linear layer ``y = x @ (c * s).T + b`` holding float8 e4m3 codes ``c`` and a scale per
     output channel.
 
@@ -246,17 +247,8 @@ class FP8Linear(nn.Module):
         return fp8_dequantize(self.qweight, self.scales, dtype=dtype or self.weight_dtype)
 
     @property
-    def weight(self) -> torch.Tensor:
-        """The dequantized weight (e.g. for ``nn.MultiheadAttention``, which reads it directly)."""
-        return self.dequantize()
-
-    @property
     def weight_bits(self) -> int:
         return 8
-
-    @property
-    def logical_params(self) -> int:
-        return self.in_features * self.out_features + (self.out_features if self.bias is not None else 0)
 
     @property
     def weight_sparsity(self) -> float:
@@ -277,16 +269,6 @@ class FP8Linear(nn.Module):
         if device.type == "cpu":
             return "dequant_gemm_bf16" if cpu_gemm_dtype() == torch.bfloat16 else "dequant_gemm_fp32"
         return "dequant_gemm"
-
-    @property
-    def kernel(self) -> str:
-        """The path of a one-token forward."""
-        return self.kernel_for(1)
-
-    @property
-    def prefill_kernel(self) -> str:
-        """The path of a many-token forward (the same on every device: no switch on token count)."""
-        return self.kernel_for(1 << 30)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         k, n = self.in_features, self.out_features

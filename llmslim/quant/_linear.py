@@ -21,6 +21,7 @@ from ._clip import search_params
 from ._functional import BITS, dequantize, expand_groups, num_groups, quantize
 from ._kernels import DECODE_MAX_TOKENS, cpu_gemm_dtype, int8_available, int8_decode, int8_prefill
 from ._layout import cpu_int4_available, int4_plan
+from ._packed import PackedLinear
 from ._packing import pack, row_bytes, unpack
 
 __all__ = ["QuantLinear", "float_weight", "SCALE_DTYPES"]
@@ -51,7 +52,7 @@ def _zero_fraction(q: torch.Tensor, zeros: torch.Tensor | None, in_features: int
     return float((q == zero).sum()) / max(1, q.numel())
 
 
-class QuantLinear(nn.Module):
+class QuantLinear(PackedLinear):
     """A linear layer ``y = x @ W.T + b`` whose ``W = (q - z) * s`` is stored as packed codes.
 
     The forward picks the fastest correct path for the device and the number of tokens (rows
@@ -246,11 +247,6 @@ class QuantLinear(nn.Module):
         q, scales, zeros = self._unpacked()
         return dequantize(q, scales, zeros, group_size=self.group_size, dtype=dtype or self.weight_dtype)
 
-    @property
-    def weight(self) -> torch.Tensor:
-        """The dequantized weight, for code that reads ``.weight`` (e.g. ``nn.MultiheadAttention``)."""
-        return self.dequantize()
-
     # -- what module_stats reads ------------------------------------------------------------
     @property
     def weight_bits(self) -> int:
@@ -285,16 +281,6 @@ class QuantLinear(nn.Module):
         if self._int8_kernel() and tokens <= DECODE_MAX_TOKENS["int8pack_mm"]:
             return "int8pack_mm"
         return "dequant_gemm_bf16" if cpu_gemm_dtype() == torch.bfloat16 else "dequant_gemm_fp32"
-
-    @property
-    def kernel(self) -> str:
-        """The path of a one-token forward (decoding)."""
-        return self.kernel_for(1)
-
-    @property
-    def prefill_kernel(self) -> str:
-        """The path of a many-token forward (prefill, batches)."""
-        return self.kernel_for(1 << 30)
 
     def _int8_kernel(self) -> bool:
         # The kernel reads rows in whole vectors: it crashes or miscomputes when in_features is

@@ -32,6 +32,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ._functional import quant_params, quantize
+from ._packed import PackedLinear
 from ._linear import float_weight
 
 __all__ = ["Int8DynamicLinear", "quantize_tokens", "int8_reference", "ONEDNN_MAX_TOKENS", "onednn_available"]
@@ -112,7 +113,7 @@ def _onednn_mm(q_x: torch.Tensor, packed: torch.Tensor, w_scale: torch.Tensor, z
 _ONEDNN = _probe_onednn()
 
 
-class Int8DynamicLinear(nn.Module):
+class Int8DynamicLinear(PackedLinear):
     """A linear layer with int8 weights (per output channel) and int8 activations (per token).
 
     Args:
@@ -166,19 +167,10 @@ class Int8DynamicLinear(nn.Module):
         """The weight ``q_w * s_w`` ``(out, in)`` (0.0 exactly where the code is 0)."""
         return (self.qweight.float() * self.scales.float()[:, None]).to(dtype or self.weight_dtype)
 
-    @property
-    def weight(self) -> torch.Tensor:
-        """The dequantized weight, for code that reads ``.weight``."""
-        return self.dequantize()
-
     # -- what module_stats reads ------------------------------------------------------------
     @property
     def weight_bits(self) -> int:
         return 8
-
-    @property
-    def logical_params(self) -> int:
-        return self.in_features * self.out_features + (self.out_features if self.bias is not None else 0)
 
     @property
     def weight_sparsity(self) -> float:
@@ -195,16 +187,6 @@ class Int8DynamicLinear(nn.Module):
         if device.type == "cuda" and tokens > 16 and self.in_features % 8 == 0 and self.out_features % 8 == 0:
             return "int_mm"
         return "int8_emulated"
-
-    @property
-    def kernel(self) -> str:
-        """The path of a one-token forward (decoding)."""
-        return self.kernel_for(1)
-
-    @property
-    def prefill_kernel(self) -> str:
-        """The path of a many-token forward (prefill, batches)."""
-        return self.kernel_for(128)
 
     def _onednn_weight(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         # (packed weight, float32 scales, zero points), made on first use and whenever the
