@@ -13,10 +13,10 @@ from torch import nn
 from .._context import Context
 from .._pass import PassBase
 from .._report import ModuleRow, Report
-from .._targets import Target, replace_module_, select
-from .._validate import fail
+from .._targets import replace_module_, select
 from ._embedding import QuantEmbedding
 from ._functional import relative_error
+from ._grid import GridFields
 from ._linear import SCALE_DTYPES, QuantLinear, float_weight
 from ._sparse import sparse_note, sparse_or_packed
 
@@ -24,7 +24,7 @@ __all__ = ["RTN"]
 
 
 @dataclasses.dataclass
-class RTN(PassBase):
+class RTN(GridFields, PassBase):
     """Round each weight to the nearest point of a low-bit grid; swap in packed modules.
 
     Every targeted ``nn.Linear`` (and transformers ``Conv1D``) becomes a
@@ -67,12 +67,6 @@ class RTN(PassBase):
         ('QuantLinear', 4.0, 'int4pack_mm')
     """
 
-    targets: tuple[Target, ...] = ("Linear", "Conv1D")
-    ignore: tuple[Target, ...] = ("lm_head",)
-    bits: Literal[2, 3, 4, 8] = 4
-    group_size: int | None = 128
-    symmetric: bool = False
-    scale_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     clip: Literal["minmax", "mse", "hqq"] = "minmax"
     storage: Literal["packed", "sparse"] = "packed"
     embeddings: bool = False
@@ -81,10 +75,6 @@ class RTN(PassBase):
     accepts: ClassVar[tuple[str, ...]] = ("Linear", "Conv1D", "Embedding")
     # field values for generated configurations (llmslim.testing.strategies.passes): odd group sizes included
     strategy_overrides: ClassVar[Mapping[str, Any]] = {"group_size": [None, 1, 3, 8, 16, 32, 48, 64, 128]}
-
-    def validate(self) -> None:
-        if self.group_size is not None and self.group_size < 1:
-            fail(self.label, "group_size", "a positive integer or None", self.group_size)
 
     def declares(self) -> dict[str, Any]:
         """Every reported module stores at most ``bits`` bits per weight (8 for tables)."""

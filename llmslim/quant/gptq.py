@@ -15,11 +15,12 @@ from torch import nn
 
 from .._context import Context
 from .._report import ModuleRow
-from .._targets import Target, replace_module_, select
+from .._targets import replace_module_, select
 from .._validate import check_range, fail
 from ..calibration import CalibrationPass, InputStats
 from ._clip import search_params
 from ._functional import code_range, dequantize, quant_params, quantize
+from ._grid import GridFields
 from ._linear import SCALE_DTYPES, float_weight
 from ._sparse import quantized_layer
 
@@ -185,7 +186,7 @@ def gptq_quantize(
 
 
 @dataclasses.dataclass
-class GPTQ(CalibrationPass):
+class GPTQ(GridFields, CalibrationPass):
     """Quantize weights with GPTQ's Hessian error feedback; swap in packed :class:`QuantLinear`.
 
     Needs calibration data (the engine's ``X^T X`` per layer). True-sequential by default: within
@@ -226,12 +227,6 @@ class GPTQ(CalibrationPass):
         (['QuantLinear', 'ReLU', 'QuantLinear'], 4.0)
     """
 
-    targets: tuple[Target, ...] = ("Linear", "Conv1D")
-    ignore: tuple[Target, ...] = ("lm_head",)
-    bits: Literal[2, 3, 4, 8] = 4
-    group_size: int | None = 128
-    symmetric: bool = False
-    scale_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     damp: float = 0.01
     block_size: int = 128
     act_order: bool = True  # with clip="mse": 1.05x float32 perplexity at int4 g64 on SmolLM2 (quant_quality ablation)
@@ -247,8 +242,7 @@ class GPTQ(CalibrationPass):
     }
 
     def validate(self) -> None:
-        if self.group_size is not None and self.group_size < 1:
-            fail(self.label, "group_size", "a positive integer or None", self.group_size)
+        super().validate()
         check_range(self.label, "damp", self.damp, 0.0, 1.0, lo_open=True)
         if self.block_size < 1:
             fail(self.label, "block_size", "a positive integer", self.block_size)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Mapping
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -14,11 +14,11 @@ from torch.nn.utils import parametrize
 from .._context import Context
 from .._pass import PassBase
 from .._report import ModuleRow, Report
-from .._targets import Target, replace_module_
-from .._validate import fail
+from .._targets import replace_module_
 from ..errors import ConfigError, TargetError
 from ._fakequant import FakeQuant, get_fake_quant, pre_quant_weight
 from ._functional import dequantize, relative_error
+from ._grid import GridFields
 from ._linear import SCALE_DTYPES, QuantLinear
 
 __all__ = ["QAT"]
@@ -29,7 +29,7 @@ def _transposed(module: nn.Module) -> bool:
 
 
 @dataclasses.dataclass
-class QAT(PassBase):
+class QAT(GridFields, PassBase):
     """Quantization-aware training: train through fake-quantized weights, then pack them.
 
     ``apply`` puts a :class:`~llmslim.quant.FakeQuant` parametrization on each target's weight:
@@ -72,20 +72,10 @@ class QAT(PassBase):
         ('QuantLinear', True)
     """
 
-    targets: tuple[Target, ...] = ("Linear", "Conv1D")
-    ignore: tuple[Target, ...] = ("lm_head",)
-    bits: Literal[2, 3, 4, 8] = 4
-    group_size: int | None = 128
-    symmetric: bool = False
-    scale_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
 
     produces: ClassVar[frozenset[str]] = frozenset({"packed"})  # after finalize; pruning must come first
     accepts: ClassVar[tuple[str, ...]] = ("Linear", "Conv1D")
     strategy_overrides: ClassVar[Mapping[str, Any]] = {"group_size": [None, 1, 3, 8, 16, 32, 48, 64, 128]}
-
-    def validate(self) -> None:
-        if self.group_size is not None and self.group_size < 1:
-            fail(self.label, "group_size", "a positive integer or None", self.group_size)
 
     def fake_quant(self, module: nn.Module) -> FakeQuant:
         """The parametrization this pass puts on ``module.weight``."""
