@@ -1,7 +1,7 @@
 """Issue 6's quality and size targets, evaluated on ``quant_quality.py``'s results.
 
 Each target is ``{"target", "measured", "met"}``; ``met`` is ``True``/``False``, or a string
-saying why it was not measured (a row not run, a quick run).
+saying why it was not measured (a row not run).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ def _best(rows: dict[str, Any], prefix: str, needle: str, key: str, lowest: bool
     return (min if lowest else max)(found, key=lambda t: t[1]) if found else None
 
 
-def evaluate_targets(results: dict[str, Any], *, quick: bool) -> list[dict[str, Any]]:
+def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     """The targets table: every target, its measured figure, met or not."""
     sm, mini = results.get("smollm2", {}), results.get("minilm", {})
     out: list[dict[str, Any]] = []
@@ -46,13 +46,11 @@ def evaluate_targets(results: dict[str, Any], *, quick: bool) -> list[dict[str, 
             gptq["perplexity_ratio"] < peer[1])
     at_most("gptq int4 g128 perplexity <= 1.15x", "gptq int4 g128", "perplexity_ratio", 1.15)
     at_most("gptq int3 g128 perplexity <= 3x", "gptq int3 g128", "perplexity_ratio", 3.0)
-    if gptq is None:
-        add("gptq, 128x512 calibration, < 3 min (shared machine)", "-", "not run")
-    elif gptq.get("calibration_windows") != 128:
-        add("gptq, 128x512 calibration, < 3 min (shared machine)",
-            f"{gptq['seconds']:.0f} s with {gptq.get('calibration_windows')} windows", "not measured (quick run)" if quick else "not run")
+    timed = _ran(results.get("ablation", {}), "calibration=128")
+    if timed is None:
+        add("gptq int4 g64, 128x512 calibration, < 3 min", "-", "not run")
     else:
-        add("gptq, 128x512 calibration, < 3 min (shared machine)", f"{gptq['seconds']:.0f} s", gptq["seconds"] < GPTQ_SECONDS)
+        add("gptq int4 g64, 128x512 calibration, < 3 min", f"{timed['seconds']:.0f} s", timed["seconds"] < GPTQ_SECONDS)
     at_most("int8 weight-only (rtn, bfloat16 scales) perplexity within 0.5%", "rtn int8", "perplexity_ratio", 1.005)
     at_most("int8 weight-only (rtn, float32 scales) perplexity within 0.5%", "rtn int8 float32 scales", "perplexity_ratio", 1.005)
     at_most("bytes/weight gptq int4 g128 <= 0.56", "gptq int4 g128", "bytes_per_weight", 0.56)

@@ -104,8 +104,8 @@ def run(quick: bool, threads: int = 2) -> dict[str, Any]:
     repeat = 5 if quick else 15
     return {
         "layers": layer_speed(repeat),
-        "smollm2": smollm2(4 if quick else 64, 3 if quick else 5, 16 if quick else 64),
-        "settings": {"threads": threads, "repeat": repeat, "windows": 4 if quick else 64, "calibration_windows": 16 if quick else 64},
+        "smollm2": smollm2(4 if quick else 16, 3 if quick else 5, 16 if quick else 64),
+        "settings": {"threads": threads, "repeat": repeat, "windows": 4 if quick else 16, "calibration_windows": 16 if quick else 64},
     }
 
 

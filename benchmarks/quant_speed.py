@@ -166,7 +166,7 @@ def main() -> None:
         part = _w8a8_speed.run(args.quick, args.threads)
         print(f"wrote {write_result('quant_speed_w8a8', part.pop('settings'), part, quick=args.quick)}")
         return
-    settings = {"threads": args.threads, "repeat": 5 if args.quick else 15, "windows": 4 if args.quick else 64, "layers": {n: dict(c) for n, c in LAYERS.items()}}
+    settings = {"threads": args.threads, "repeat": 5 if args.quick else 15, "windows": 4 if args.quick else 16, "layers": {n: dict(c) for n, c in LAYERS.items()}}
     layers = layer_speed(settings["repeat"])
     results = {"layers": layers, "targets": _targets(layers), "smollm2": smollm2(settings["windows"], 3 if args.quick else 5)}
     results["w8a8"] = _w8a8_speed.run(args.quick, args.threads)

@@ -219,3 +219,16 @@ def test_torch_compile_runs_every_cpu_path() -> None:
             with torch.no_grad():
                 eager = q(x)
                 assert (compiled(x) - eager).abs().max() <= 1e-2 * eager.abs().max()
+
+
+def test_int8_kernel_keeps_float32_scales_unrounded() -> None:
+    # a one-hot token reads one column of codes: the exact answer is q[:, j] * s in float32, which
+    # a scale rounded to the kernel's bfloat16 would miss by up to 2**-9
+    lin = _layer(64, 64)
+    q = QuantLinear.from_float(lin, bits=8, group_size=None, symmetric=True, scale_dtype=torch.float32)
+    assert q.kernel_for(1) == "int8pack_mm" and q.scales.dtype == torch.float32
+    assert not torch.equal(q.scales.to(torch.bfloat16).float(), q.scales)  # the test can see a rounding
+    x = torch.zeros(1, 64)
+    x[0, 3] = 1.0
+    expected = q.dequantize(torch.float32)[:, 3] + lin.bias.detach()
+    torch.testing.assert_close(q(x)[0], expected, rtol=1e-6, atol=1e-6)

@@ -140,7 +140,7 @@ def test_qat_twice_on_a_weight_is_refused_and_rolled_back() -> None:
         (dict(bits=5), "bits must be one of 2, 3, 4, 8 (got 5)"),
         (dict(group_size=0), "group_size must be a positive integer or None (got 0)"),
         (dict(group_size=12.5), "group_size must be an integer or None (got 12.5)"),
-        (dict(scale_dtype="int8"), "scale_dtype must be one of 'bfloat16', 'float16', 'float32' (got 'int8')"),
+        (dict(scale_dtype="int8"), "scale_dtype must be one of 'auto', 'bfloat16', 'float16', 'float32' (got 'int8')"),
         (dict(symmetric="yes"), "symmetric must be true or false (got 'yes')"),
     ],
 )

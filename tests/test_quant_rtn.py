@@ -70,7 +70,7 @@ def test_report_rows_say_what_was_done() -> None:
         (dict(group_size=0), "group_size must be a positive integer or None (got 0)"),
         (dict(group_size=-8), "group_size must be a positive integer or None (got -8)"),
         (dict(group_size=12.5), "group_size must be an integer or None (got 12.5)"),
-        (dict(scale_dtype="int8"), "scale_dtype must be one of 'bfloat16', 'float16', 'float32' (got 'int8')"),
+        (dict(scale_dtype="int8"), "scale_dtype must be one of 'auto', 'bfloat16', 'float16', 'float32' (got 'int8')"),
         (dict(clip="best"), "clip must be one of 'minmax', 'mse', 'hqq' (got 'best')"),
         (dict(symmetric="yes"), "symmetric must be true or false (got 'yes')"),
     ],

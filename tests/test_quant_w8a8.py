@@ -14,6 +14,7 @@ import llmslim as ls
 from llmslim import models
 from llmslim.errors import ConfigError, OrderError
 from llmslim.quant import RTN, W8A8, Int8DynamicLinear
+from llmslim.quant import _w8a8
 from llmslim.quant._w8a8 import int8_reference, onednn_available, quantize_tokens
 
 PATHS = ["int_mm", "int8_emulated", *(["onednn_qlinear"] if onednn_available() else [])]
@@ -145,7 +146,12 @@ def test_cannot_follow_another_quantizer() -> None:
 
 
 @pytest.mark.parametrize("bias", [True, False])
-def test_one_token_path_and_shared_input_codes(bias: bool) -> None:
+@pytest.mark.parametrize("small_layers_on_onednn", [False, True])
+def test_one_token_path_and_shared_input_codes(bias: bool, small_layers_on_onednn: bool, monkeypatch) -> None:
+    if small_layers_on_onednn:  # the oneDNN one-token epilogue (token scale and bias fused) on these small layers
+        if not onednn_available():
+            pytest.skip("no oneDNN int8 linear in this torch")
+        monkeypatch.setitem(_w8a8.ONEDNN_MIN_OUT_FEATURES, "onednn_qlinear", 1)
     lins = [_layer(64, n, seed=n, bias=bias) for n in (32, 16)]
     layers = [Int8DynamicLinear.from_float(lin) for lin in lins]
     x = torch.randn(1, 1, 64, generator=torch.Generator().manual_seed(3))
@@ -156,3 +162,21 @@ def test_one_token_path_and_shared_input_codes(bias: bool) -> None:
                 expected = int8_reference(q_x, layer.qweight) * layer.scales * s_x + (lin.bias if bias else 0.0)
                 torch.testing.assert_close(layer(x).reshape(1, -1), expected, rtol=1e-5, atol=1e-6)
             x.mul_(-3.0)  # an in-place edit: the cached codes must not be reused
+
+
+def test_small_layers_avoid_the_slow_onednn_shapes() -> None:
+    # oneDNN took milliseconds for <= 256 outputs at one token on the machine measured
+    small, large = (Int8DynamicLinear.from_float(_layer(64, n)) for n in (256, 257))
+    assert small.kernel_for(1, torch.device("cpu")) == "int_mm"
+    assert large.kernel_for(1, torch.device("cpu")) == ("onednn_qlinear" if onednn_available() else "int_mm")
+
+
+@pytest.mark.parametrize("in_features", [1, 2, 12])
+def test_narrow_inputs_take_a_correct_path(in_features: int) -> None:
+    # torch._int_mm returns garbage on CPU for one input column and several outputs
+    layer = Int8DynamicLinear.from_float(_layer(in_features, 8, bias=False))
+    assert layer.kernel_for(1, torch.device("cpu"), compiling=True) == "int8_emulated"
+    x = torch.randn(3, in_features, generator=torch.Generator().manual_seed(0))
+    q_x, s_x = quantize_tokens(x)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), int8_reference(q_x, layer.qweight) * layer.scales * s_x, rtol=1e-5, atol=1e-6)

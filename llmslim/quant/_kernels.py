@@ -105,7 +105,10 @@ def int8_decode(xb: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, zero: to
     """``x @ ((q - z) * s).T`` with the CPU int8 kernel; ``xb`` ``(M, K)`` bfloat16, ``q`` ``(N, K)``
     int8, ``scale``/``zero`` ``(N, 1)``. Returns ``(M, N)`` float32."""
     s = scale.reshape(-1)
-    y = torch.ops.aten._weight_int8pack_mm(xb, q, s.to(xb.dtype)).float()
+    if s.dtype == xb.dtype:
+        y = torch.ops.aten._weight_int8pack_mm(xb, q, s).float()
+    else:  # scales finer than the kernel's dtype are applied after it, unrounded
+        y = torch.ops.aten._weight_int8pack_mm(xb, q, torch.ones_like(s, dtype=xb.dtype)).float().mul_(s.float())
     if zero is not None:
         # asymmetric: the kernel computes with q; remove the zero point's share, sum(x) * z * s
         y -= xb.float().sum(dim=-1, keepdim=True) * (zero.reshape(-1).float() * s.float())

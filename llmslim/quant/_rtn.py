@@ -17,7 +17,7 @@ from .._targets import replace_module_, select
 from ._embedding import QuantEmbedding
 from ._functional import relative_error
 from ._grid import GridFields
-from ._linear import SCALE_DTYPES, QuantLinear, float_weight
+from ._linear import QuantLinear, float_weight
 from ._sparse import sparse_note, sparse_or_packed
 
 __all__ = ["RTN"]
@@ -40,8 +40,8 @@ class RTN(GridFields, PassBase):
             use ``None``: the CPU int8 kernel wants per-channel scales.
         symmetric: Symmetric grid (``[-max|w|, max|w|]``, no zero points) or asymmetric
             (``[min, max]`` with an int8 zero point per group; usually more accurate at 4 bits).
-        scale_dtype: ``"bfloat16"`` (the CPU kernels' own dtype: stored once), ``"float16"``
-            or ``"float32"``.
+        scale_dtype: ``"auto"`` (float32 at 8 bits and for tables, bfloat16 below: the CPU
+            kernels' own dtype, stored once), ``"bfloat16"``, ``"float16"`` or ``"float32"``.
         clip: ``"minmax"`` (the full range), ``"mse"`` (search each group's clipping range for
             the lowest squared error) or ``"hqq"`` (half-quadratic refinement of each scale).
         storage: ``"packed"`` (every code stored, the int4/int8 CPU kernels serve the forward) or
@@ -87,7 +87,7 @@ class RTN(GridFields, PassBase):
                       warn_unmatched=self.targets != default)
 
     def apply(self, model: nn.Module, ctx: Context) -> Report:
-        scale_dtype = SCALE_DTYPES[self.scale_dtype]
+        scale_dtype = self.scales_dtype()
         heads = _tied_heads(model)
         # output layers tied to a table this pass quantizes go with the table, wherever they come
         tables = {id(m.weight) for _, m in self.select(model) if _plain_embedding(m)}
@@ -104,7 +104,7 @@ class RTN(GridFields, PassBase):
                     # e.g. OPT's learned positions: a forward of its own that QuantEmbedding lacks
                     notes.append(f"{name} left as is: {type(module).__name__} has its own forward")
                     continue
-                new = QuantEmbedding.from_float(module, scale_dtype=scale_dtype)
+                new = QuantEmbedding.from_float(module, scale_dtype=torch.float32 if self.scale_dtype == "auto" else scale_dtype)
                 error = relative_error(module.weight.detach(), new.dequantize(torch.float32))
                 replace_module_(model, name, new)
                 rows.append(self.row(name, new, before, started=started, error=error, group_size=None, symmetric=True))

@@ -10,15 +10,18 @@ Paths, as :attr:`Int8DynamicLinear.kernel` reports them:
 
 * ``onednn_qlinear``: oneDNN's int8 matmul with a weight packed once for it
   (``torch.ops.onednn.qlinear_pointwise``; AMX or VNNI on x86), CPU, eager mode;
-* ``int_mm``: ``torch._int_mm`` (int8 x int8 -> int32) on CPU, and on CUDA where its shape rules
-  hold (more than 16 rows, both widths multiples of 8); also the path under ``torch.compile``;
+* ``int_mm``: ``torch._int_mm`` (int8 x int8 -> int32) on CPU for input widths that are multiples
+  of 8, and on CUDA where its shape rules hold (more than 16 rows, both widths multiples of 8);
+  also the CPU path under ``torch.compile``;
 * ``int8_emulated``: the integer product computed in float32 (exact for widths up to 1040, a
   float32 rounding of it beyond), for devices without an int8 GEMM.
 
-On the AMX machine measured (docs/quantization.md) oneDNN was as fast as or faster than
-``torch._int_mm`` at every token count and layer size tried (1 to 128 tokens, 576 to 11008 wide),
-most of all for one token, where it reads a weight packed ahead of time; the switch point stays
-tunable at run time in :data:`ONEDNN_MAX_TOKENS`.
+On the AMX machine measured (docs/quantization.md) oneDNN was 1.3-2x faster than
+``torch._int_mm`` on large layers (4096 and 11008 wide) at 1 to 128 tokens, where it reads a
+weight packed ahead of time, but took 0.5-5 ms instead of 20-60 us for layers with at most 256
+outputs at 1-4 tokens (the key/value projections of a grouped-query model); those layers take
+``torch._int_mm``. Both switch points stay tunable at run time in :data:`ONEDNN_MAX_TOKENS` and
+:data:`ONEDNN_MIN_OUT_FEATURES`.
 """
 
 from __future__ import annotations
@@ -35,10 +38,12 @@ from ._functional import quant_params, quantize
 from ._packed import PackedLinear
 from ._linear import float_weight
 
-__all__ = ["Int8DynamicLinear", "quantize_tokens", "int8_reference", "ONEDNN_MAX_TOKENS", "onednn_available"]
+__all__ = ["Int8DynamicLinear", "quantize_tokens", "int8_reference", "ONEDNN_MAX_TOKENS", "ONEDNN_MIN_OUT_FEATURES", "onednn_available"]
 
 # Largest token count served by the oneDNN path on CPU (above it, torch._int_mm).
 ONEDNN_MAX_TOKENS: dict[str, int] = {"onednn_qlinear": 1 << 30}
+# Smallest layer (output features) served by the oneDNN path on CPU (below it, torch._int_mm).
+ONEDNN_MIN_OUT_FEATURES: dict[str, int] = {"onednn_qlinear": 257}
 
 _TINY = torch.finfo(torch.float32).tiny
 
@@ -181,9 +186,13 @@ class Int8DynamicLinear(PackedLinear):
         """The path the forward takes for ``tokens`` rows of input on ``device``."""
         device = device or self.qweight.device
         if device.type == "cpu":
-            if _ONEDNN and not compiling and tokens <= ONEDNN_MAX_TOKENS["onednn_qlinear"]:
+            # torch._int_mm miscomputes on CPU for a single input column; widths that are multiples
+            # of 8 are the ones measured and tested
+            int_mm = self.in_features % 8 == 0
+            small = self.out_features < ONEDNN_MIN_OUT_FEATURES["onednn_qlinear"]
+            if _ONEDNN and not compiling and tokens <= ONEDNN_MAX_TOKENS["onednn_qlinear"] and not (small and int_mm):
                 return "onednn_qlinear"
-            return "int_mm"
+            return "int_mm" if int_mm else "int8_emulated"
         if device.type == "cuda" and tokens > 16 and self.in_features % 8 == 0 and self.out_features % 8 == 0:
             return "int_mm"
         return "int8_emulated"

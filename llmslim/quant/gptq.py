@@ -21,7 +21,7 @@ from ..calibration import CalibrationPass, InputStats
 from ._clip import search_params
 from ._functional import code_range, dequantize, quant_params, quantize
 from ._grid import GridFields
-from ._linear import SCALE_DTYPES, float_weight
+from ._linear import float_weight
 from ._sparse import quantized_layer
 
 __all__ = ["GPTQ", "gptq_quantize"]
@@ -200,7 +200,8 @@ class GPTQ(GridFields, CalibrationPass):
         group_size: Input columns per scale (a shorter last group where it does not divide the
             row), or ``None`` for one per output channel.
         symmetric: Symmetric grid, or asymmetric with an integer zero point per group.
-        scale_dtype: ``"bfloat16"`` (the CPU kernels' dtype), ``"float16"`` or ``"float32"``.
+        scale_dtype: ``"auto"`` (float32 at 8 bits, bfloat16 below), ``"bfloat16"``,
+            ``"float16"`` or ``"float32"``.
         damp: Fraction of the Hessian's mean diagonal added to it (retried x10 on failure).
         block_size: Columns per lazy batch update.
         act_order: Columns in order of decreasing Hessian diagonal, with static groups (the
@@ -269,7 +270,7 @@ class GPTQ(GridFields, CalibrationPass):
         zeros = w == 0  # pruned weights, masked or baked in: they stay exactly zero
         result = gptq_quantize(
             w, hessian, bits=self.bits, group_size=self.group_size, symmetric=self.symmetric,
-            scale_dtype=SCALE_DTYPES[self.scale_dtype], damp=self.damp, block_size=self.block_size,
+            scale_dtype=self.scales_dtype(), damp=self.damp, block_size=self.block_size,
             act_order=self.act_order, clip=self.clip, keep_zeros=zeros if bool(zeros.any()) else None,
         )
         new, stored = quantized_layer(result["codes"], result["scale"], result["zero"], bits=self.bits,

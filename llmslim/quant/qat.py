@@ -19,7 +19,7 @@ from ..errors import ConfigError, TargetError
 from ._fakequant import FakeQuant, get_fake_quant, pre_quant_weight
 from ._functional import dequantize, relative_error
 from ._grid import GridFields
-from ._linear import SCALE_DTYPES, QuantLinear
+from ._linear import QuantLinear
 
 __all__ = ["QAT"]
 
@@ -50,8 +50,9 @@ class QAT(GridFields, PassBase):
         group_size: Input columns per scale (a shorter last group where it does not divide the
             row), or ``None`` for one scale per output channel.
         symmetric: Symmetric grid, or asymmetric with int8 zero points.
-        scale_dtype: ``"bfloat16"``, ``"float16"`` or ``"float32"`` (scales are rounded to it in
-            training too, so finalize matches).
+        scale_dtype: ``"auto"`` (float32 at 8 bits, bfloat16 below), ``"bfloat16"``,
+            ``"float16"`` or ``"float32"`` (scales are rounded to it in training too, so
+            finalize matches).
         targets / ignore / name: As :class:`~llmslim.PassBase`; ``lm_head`` is ignored by default.
 
     Raises:
@@ -80,7 +81,7 @@ class QAT(GridFields, PassBase):
     def fake_quant(self, module: nn.Module) -> FakeQuant:
         """The parametrization this pass puts on ``module.weight``."""
         return FakeQuant(bits=self.bits, group_size=self.group_size, symmetric=self.symmetric,
-                         scale_dtype=SCALE_DTYPES[self.scale_dtype], transposed=_transposed(module))
+                         scale_dtype=self.scales_dtype(), transposed=_transposed(module))
 
     def apply(self, model: nn.Module, ctx: Context) -> Report:
         """Fake-quantize every target's weight (after any pruning mask on it)."""
