@@ -48,6 +48,16 @@ def interleaved(fns: Mapping[str, Callable[[], Any]], *, warmup: int = 1, repeat
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
+def read_bandwidth(megabytes: int = 512, repeat: int = 5) -> float:
+    """This machine's memory read bandwidth in bytes per second: the median time of summing a
+    float32 tensor far larger than the caches (the rate a weight-streaming GEMV can reach)."""
+    import torch
+
+    x = torch.ones(megabytes * (1 << 20) // 4)
+    seconds = median_time(lambda: x.sum(), warmup=1, repeat=repeat)
+    return x.numel() * 4 / seconds
+
+
 def _version(dist: str) -> str | None:
     try:
         return md.version(dist)

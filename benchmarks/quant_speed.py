@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import interleaved, machine_line, print_table, table, write_result  # noqa: E402
+from _common import interleaved, machine_line, print_table, read_bandwidth, table, write_result  # noqa: E402
 import _w8a8_speed  # noqa: E402
 from llmslim import compress_, data, evaluate, models  # noqa: E402
 from llmslim.quant import RTN, QuantLinear  # noqa: E402
@@ -82,13 +82,19 @@ def layer_speed(repeat: int) -> list[dict[str, Any]]:
             fns.update({name: (lambda m=m: m(x)) for name, m in ours.items()})
             fns.update({name: (lambda m=m: m(x.to(torch.bfloat16)).float()) for name, m in peers.items()})
             ms = {name: 1e3 * t for name, t in interleaved(fns, warmup=2, repeat=repeat).items()}
+            weight_bytes = {"float32": w.numel() * 4, **{name: _held_bytes(m) for name, m in ours.items()}}
             rows.append({
                 "shape": f"{n}x{k}", "tokens": tokens, "ms": ms,
                 "speedup": {name: ms["float32"] / t for name, t in ms.items() if name != "float32"},
                 "kernel": {name: m.kernel_for(tokens) for name, m in ours.items()},
+                "weight_bytes": weight_bytes,
             })
             print(rows[-1]["shape"], tokens, {name: round(v, 3) for name, v in ms.items()}, flush=True)
     return rows
+
+
+def _held_bytes(module: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
 
 
 @torch.no_grad()
@@ -130,19 +136,33 @@ def render_markdown(payload: dict) -> str:
     """The docs block for one result file."""
     r, s = payload["results"], payload["settings"]
     names = [n for n in r["layers"][0]["ms"] if n != "float32"]
+    bw = s.get("read_bandwidth_gbs")
+    ours = [n for n in LAYERS if n in names]
+
+    def floor(row: dict[str, Any]) -> str:
+        # the time to read each weight once at the measured bandwidth: what a one-token GEMV cannot beat
+        if bw is None or "weight_bytes" not in row or row["tokens"] != 1:
+            return "-"
+        return " / ".join(f"{row['weight_bytes'][n] / bw / 1e6:.3g}" for n in ("float32", *ours))
+
     layer_rows = [
-        [row["shape"], row["tokens"], row["ms"]["float32"], *[f"{row['ms'][n]:.3g} ({row['speedup'][n]:.2f}x)" for n in names]]
+        [row["shape"], row["tokens"], row["ms"]["float32"], *[f"{row['ms'][n]:.3g} ({row['speedup'][n]:.2f}x)" for n in names], floor(row)]
         for row in r["layers"]
     ]
-    layers = table(["out x in", "tokens", "float32 (ms)", *[f"{n} (ms, speedup)" for n in names]], layer_rows)
+    layers = table(["out x in", "tokens", "float32 (ms)", *[f"{n} (ms, speedup)" for n in names],
+                    f"read floor (ms): {' / '.join(('float32', *ours))}"], layer_rows)
     targets = table(
         ["out x in", "tokens", "layer", "target", "measured", "met"],
         [[t["shape"], t["tokens"], t["layer"], f"{t['target']}x", f"{t['speedup']:.2f}x", "yes" if t["met"] else "**no**"] for t in r["targets"]],
     )
     smol = table(
-        ["SmolLM2-135M", "weight bytes", "perplexity", "prefill 128 tok (ms)", "decode (tok/s)"],
-        [[n, v["bytes"], v["perplexity"], v["prefill_ms"], v["decode_tokens_per_s"]] for n, v in r["smollm2"].items()],
+        ["SmolLM2-135M", "weight bytes", "perplexity", "prefill 128 tok (ms)", "decode (tok/s)", "decode ceiling (tok/s)"],
+        [[n, v["bytes"], v["perplexity"], v["prefill_ms"], v["decode_tokens_per_s"], bw * 1e9 / v["bytes"] if bw else "-"]
+         for n, v in r["smollm2"].items()],
     )
+    ceiling = (f" The read floor and the decode ceiling divide the bytes of the weights by this machine's measured "
+               f"read bandwidth, {bw:.1f} GB/s (summing a 512 MB float32 tensor): no kernel that reads every weight "
+               f"once per token can beat them." if bw else "")
     kernels = ", ".join(f"{n}: {k}" for n, k in r["layers"][0]["kernel"].items())
     return (
         f"{machine_line(payload)} Median of {s['repeat']} interleaved runs after warm-up; {s['threads']} threads. "
@@ -150,7 +170,7 @@ def render_markdown(payload: dict) -> str:
         f"the bfloat16 GEMM.\n\n{layers}\n\n{targets}\n\n"
         f"Whole model, batch 1: perplexity on the first {s['windows']} windows of the default protocol; speed "
         f"as in the baseline (median of {s['repeat']} interleaved runs, 32 decoded tokens). `rtn int4 g64` and "
-        f"`rtn int8` quantize every linear layer except `lm_head`.\n\n{smol}"
+        f"`rtn int8` quantize every linear layer except `lm_head`.{ceiling}\n\n{smol}"
     ) + (f"\n\n{_w8a8_speed.render_markdown(r['w8a8'])}" if "w8a8" in r else "")
 
 
@@ -167,6 +187,8 @@ def main() -> None:
         print(f"wrote {write_result('quant_speed_w8a8', part.pop('settings'), part, quick=args.quick)}")
         return
     settings = {"threads": args.threads, "repeat": 5 if args.quick else 15, "windows": 4 if args.quick else 16, "layers": {n: dict(c) for n, c in LAYERS.items()}}
+    settings["read_bandwidth_gbs"] = read_bandwidth() / 1e9
+    print(f"read bandwidth {settings['read_bandwidth_gbs']:.1f} GB/s", flush=True)
     layers = layer_speed(settings["repeat"])
     results = {"layers": layers, "targets": _targets(layers), "smollm2": smollm2(settings["windows"], 3 if args.quick else 5)}
     results["w8a8"] = _w8a8_speed.run(args.quick, args.threads)
