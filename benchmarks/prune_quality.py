@@ -332,22 +332,30 @@ def main() -> None:
         results = {"dense_perplexity": evaluate.perplexity(dense, split.evaluation, **measure),
                    "forward_s": _forward_seconds(dense, batches)}
     print(f"dense perplexity {results['dense_perplexity']:.3f}; one forward over {len(batches)} windows {results['forward_s']:.1f}s", flush=True)
+    def keep(key: str) -> None:
+        # every result is written as soon as it is measured: a long run that is stopped keeps it
+        if args.only is None:
+            write_result("prune_quality", settings, results, quick=args.quick)
+        else:
+            _write_merged(args.quick, settings, {key: results[key]})
+
     chosen = [k for k in METHODS if args.only is None or k in args.only]
     if not _torchao_available():
         print("torchao is not installed: skipping its WandaSparsifier")
         chosen = [k for k in chosen if not k.startswith("torchao")]
     for key in chosen:
         results[key] = _measure(key, METHODS[key][2], dense, batches, split.evaluation, measure, results)
+        keep(key)
     if not args.no_ablation:
         for key, (_, run, calib) in ABLATION.items():
             if args.only is None or key in args.only:
                 use = small if calib == "small" else batches
                 results[key] = _measure(key, run, dense, use, split.evaluation, measure, results)
+                keep(key)
     for key, (_, run) in SPARSE_QUANT.items():
         if args.only is None or key in args.only:
             results[key] = _measure(key, run, dense, batches, split.evaluation, measure, results)
-            if args.only is not None:  # long sections: each result is kept as soon as it is measured
-                _write_merged(args.quick, settings, {key: results[key]})
+            keep(key)
 
     rows = [["dense", "-", 0.0, results["dense_perplexity"], 1.0, 0.0, "-", "-"]]
     for key in chosen:
