@@ -19,6 +19,7 @@ from ._pass import Pass, PassBase, Stepped, pass_name
 from ._registry import available_passes, build_pass, get_pass, register, to_spec
 from ._report import ModuleRow, Report
 from ._targets import replace_module_, select
+from .io import load, save
 
 __version__ = "0.1.0"
 
@@ -37,19 +38,21 @@ __all__ = [
     "default_forward",
     "errors",
     "get_pass",
+    "load",
     "model_bytes",
     "pass_name",
     "prune",
     "quant",
     "register",
     "replace_module_",
+    "save",
     "select",
     "testing",
     "to_spec",
 ]
 
 # Subpackages that pull in optional or heavy dependencies load on first attribute access.
-_LAZY = {"testing", "prune", "quant"}
+_LAZY = {"testing", "prune", "quant", "hf"}
 
 
 def __getattr__(name: str) -> Any:

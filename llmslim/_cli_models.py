@@ -17,7 +17,7 @@ PROMPT = "The Python programming language is"
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="smollm2, minilm, or a Hugging Face model folder")
+    p.add_argument("--model", required=True, help="smollm2, minilm, a Hugging Face model folder or a folder saved by compress --out")
     p.add_argument("--protocol", choices=["default", "reference"], default="default", help="docs-text split (see llmslim.data)")
     p.add_argument("--windows", type=int, default=64, help="512-token evaluation windows to score (default 64)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -81,12 +81,19 @@ def cmd_compress(args: argparse.Namespace) -> int:
     before = measure(model, tokenizer, args, speed=False)
     report = compress_(model, manager, calibration=batches, progress=not args.no_progress)
     after = measure(model, tokenizer, args, reference=original, speed=False)
+    saved = None
+    if args.out:  # the recipe is recorded in the manifest; `llmslim eval --model DIR` loads the folder
+        from .hf import save_pretrained
+
+        saved = str(save_pretrained(model, tokenizer, args.out, recipe=manager.to_recipe(), overwrite=args.overwrite))
     if args.json:
-        print(json.dumps({"model": args.model, "before": before, "after": after, "report": report.to_dict()}, indent=2))
+        print(json.dumps({"model": args.model, "before": before, "after": after, "report": report.to_dict(), "saved": saved}, indent=2))
     else:
         print(report)
         _show("before", before)
         _show("after", after)
+        if saved:
+            print(f"saved: {saved}")
     return 0
 
 
@@ -104,4 +111,6 @@ def register(sub: Any) -> None:
     c.add_argument("--n-calib", type=int, default=128, help="calibration windows (default 128)")
     c.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window (default 512)")
     c.add_argument("--seed", type=int, default=0, help="seed of the calibration windows")
+    c.add_argument("--out", help="save the compressed model to this folder (llmslim checkpoint + config + tokenizer)")
+    c.add_argument("--overwrite", action="store_true", help="replace the --out folder if it exists")
     c.set_defaults(func=cmd_compress)

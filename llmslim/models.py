@@ -101,6 +101,10 @@ def load(name_or_path: str | os.PathLike[str], *, dtype: torch.dtype = torch.flo
     if name == "minilm":
         return load_minilm(dtype=dtype, progress=progress)
     path = Path(name).expanduser()
+    if (path / "llmslim.json").exists():  # a compressed checkpoint (llmslim.hf.save_pretrained)
+        from . import hf
+
+        return hf.from_pretrained(path), hf.load_tokenizer(path)
     if not (path / "config.json").exists():
         raise ConfigError(f"model must be 'smollm2', 'minilm' or a folder with a config.json (got {name!r})")
     transformers = _transformers()

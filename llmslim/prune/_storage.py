@@ -14,11 +14,13 @@ Two formats, both exact (the forward reconstructs the very weight that was store
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._ckpt_kinds import dtype_from_name, dtype_name
 from ..errors import ConfigError
 from ._mask import rows_view
 
@@ -196,6 +198,36 @@ class SparseLinear(nn.Module):
         """A SparseLinear computing what ``module`` (``nn.Linear`` or Hugging Face ``Conv1D``) computes."""
         weight = rows_view(module, module.weight.detach())
         return cls(weight, getattr(module, "bias", None), value_dtype=value_dtype, n_m=n_m)
+
+    def checkpoint_config(self) -> dict[str, Any]:
+        """What :meth:`from_checkpoint_config` rebuilds this layer from (see :mod:`llmslim.io`)."""
+        return {"in_features": self.in_features, "out_features": self.out_features, "bias": self.bias is not None,
+                "compute_dtype": dtype_name(self.compute_dtype), "value_dtype": dtype_name(self.values.dtype), "format": self.format,
+                "n": self.n, "m": self.m, "count": self.values.numel(), "weight_sparsity": self.weight_sparsity}
+
+    @classmethod
+    def from_checkpoint_config(cls, cfg: dict[str, Any], *, tied: nn.Module | None = None) -> SparseLinear:
+        """An empty layer (``meta`` tensors of the stored shapes) of :meth:`checkpoint_config`."""
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        out, inp, count, fmt = cfg["out_features"], cfg["in_features"], cfg["count"], cfg["format"]
+        if fmt not in ("nm", "bitmask"):
+            raise ConfigError(f"SparseLinear: format must be 'nm' or 'bitmask' (got {fmt!r})")
+        new.out_features, new.in_features, new.format, new.n, new.m = out, inp, fmt, cfg["n"], cfg["m"]
+        new.compute_dtype = dtype_from_name(cfg["compute_dtype"])
+        vdt = dtype_from_name(cfg["value_dtype"])
+        if fmt == "nm":
+            new.register_buffer("values", torch.empty(out, count // max(1, out), dtype=vdt, device="meta"))
+            new.register_buffer("indices", torch.empty(math.ceil(count * _index_bits(new.m) / 8), dtype=torch.uint8, device="meta"))
+        else:
+            new.register_buffer("bitmask", torch.empty(math.ceil(out * inp / 8), dtype=torch.uint8, device="meta"))
+            new.register_buffer("values", torch.empty(count, dtype=vdt, device="meta"))
+        new.register_parameter("bias", nn.Parameter(torch.empty(out, dtype=new.compute_dtype, device="meta")) if cfg["bias"] else None)
+        stored = sum(b.numel() * b.element_size() for b in new.buffers())
+        new.weight_bits = stored * 8 / (out * inp) if out * inp else 0.0
+        new.weight_sparsity, new.logical_params = float(cfg["weight_sparsity"]), out * inp + (out if cfg["bias"] else 0)
+        new._sparse_cache = None
+        return new
 
     @property
     def weight(self) -> torch.Tensor:

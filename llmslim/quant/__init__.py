@@ -15,6 +15,8 @@
   outlier migration that keeps the float function) that prepare and produce it.
 * :class:`FP8`, registered as ``fp8``: float8 e4m3 weights (:class:`FP8Linear`), a scale per channel.
 * :class:`QAT`, registered as ``qat``: quantization-aware training (:class:`FakeQuant`), packed by ``finalize``.
+* :func:`export_gptq` / :func:`import_gptq` (and :func:`to_gptq_tensors` / :func:`from_gptq_tensors`
+  per layer): the GPTQ checkpoint layout of the wider ecosystem (``qweight``/``qzeros``/``scales``/``g_idx``).
 
 See docs/quantization.md.
 
@@ -46,6 +48,8 @@ from ._fakequant import FakeQuant
 from ._fp8 import FP8Linear, fp8_dequantize, fp8_quantize
 from .fp8 import FP8
 from .qat import QAT
+from ._gptq_format import from_gptq_tensors, to_gptq_tensors
+from ._gptq_folder import export_gptq, import_gptq
 
 __all__ = [
     "BITS",
@@ -65,10 +69,13 @@ __all__ = [
     "W8A8",
     "code_range",
     "dequantize",
+    "export_gptq",
     "fake_quantize",
     "fp8_dequantize",
     "fp8_quantize",
+    "from_gptq_tensors",
     "gptq_quantize",
+    "import_gptq",
     "num_groups",
     "pack",
     "quant_params",
@@ -77,5 +84,6 @@ __all__ = [
     "release_workspace",
     "row_bytes",
     "search_params",
+    "to_gptq_tensors",
     "unpack",
 ]

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._ckpt_kinds import dtype_from_name, dtype_name
 from ..errors import ConfigError
 from ._functional import dequantize, quant_params, quantize
 from ._packing import pack
@@ -107,6 +108,17 @@ class QuantEmbedding(nn.Module):
         for name in ("qweight", "scales"):
             self._buffers[name] = self._buffers[name].to(probe.device)
         return self
+
+    def checkpoint_config(self) -> dict[str, Any]:
+        """What :meth:`from_checkpoint_config` rebuilds this table from (see :mod:`llmslim.io`)."""
+        return {"num_embeddings": self.num_embeddings, "embedding_dim": self.embedding_dim, "padding_idx": self.padding_idx,
+                "scale_dtype": dtype_name(self.scales.dtype), "weight_dtype": dtype_name(self.weight_dtype)}
+
+    @classmethod
+    def from_checkpoint_config(cls, cfg: dict[str, Any], *, tied: nn.Module | None = None) -> QuantEmbedding:
+        """An empty table (``meta`` tensors) of :meth:`checkpoint_config`'s shape."""
+        return cls(cfg["num_embeddings"], cfg["embedding_dim"], padding_idx=cfg["padding_idx"], scale_dtype=dtype_from_name(cfg["scale_dtype"]),
+                   weight_dtype=dtype_from_name(cfg["weight_dtype"]), device="meta")
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, bits=8, scales={str(self.scales.dtype).replace('torch.', '')}"

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._ckpt_kinds import dtype_from_name, dtype_name
 from ..errors import ConfigError
 from ._kernels import cpu_gemm_dtype, workspace
 from ._packed import PackedLinear
@@ -129,6 +130,9 @@ def _bit_path_exact() -> bool:
         got = _bits_to_bfloat16(codes, torch.empty(codes.shape, dtype=torch.bfloat16))
         _EXACT.append(bool(torch.equal(got.float(), codes.float())))
     return _EXACT[0]
+
+
+_bit_path_exact()  # decided at import: traced first under torch.export its tensors would be fake (data-dependent)
 
 
 def fp8_to_bfloat16(codes: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -312,6 +316,17 @@ class FP8Linear(PackedLinear):
         self.register_buffer("qweight", codes.to(probe.device))
         self.register_buffer("scales", scales.to(probe.device))
         return self
+
+    def checkpoint_config(self) -> dict[str, Any]:
+        """What :meth:`from_checkpoint_config` rebuilds this layer from (see :mod:`llmslim.io`)."""
+        return {"in_features": self.in_features, "out_features": self.out_features, "bias": self.bias is not None,
+                "scale_dtype": dtype_name(self.scale_dtype), "activations": self.activations, "weight_dtype": dtype_name(self.weight_dtype)}
+
+    @classmethod
+    def from_checkpoint_config(cls, cfg: dict[str, Any], *, tied: nn.Module | None = None) -> FP8Linear:
+        """An empty layer (``meta`` tensors) of :meth:`checkpoint_config`'s shape."""
+        return cls(cfg["in_features"], cfg["out_features"], bias=cfg["bias"], scale_dtype=dtype_from_name(cfg["scale_dtype"]),
+                   activations=cfg["activations"], weight_dtype=dtype_from_name(cfg["weight_dtype"]), device="meta")
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._ckpt_kinds import dtype_from_name, dtype_name
 from ..errors import ConfigError
 from . import _int4cpu
 from ._clip import search_params
@@ -50,6 +51,12 @@ def _zero_fraction(q: torch.Tensor, zeros: torch.Tensor | None, in_features: int
     # codes equal to their zero point are the weights that are exactly 0.0
     zero = 0 if zeros is None else expand_groups(zeros, in_features, group_size)
     return float((q == zero).sum()) / max(1, q.numel())
+
+
+def _few(tokens: int, kernel: str) -> bool:
+    # A token count left symbolic by torch.export: the kernel serves every count, while a branch
+    # on the count would restrict the exported program to one side of the threshold.
+    return (isinstance(tokens, torch.SymInt) and torch.compiler.is_exporting()) or tokens <= DECODE_MAX_TOKENS[kernel]
 
 
 class QuantLinear(PackedLinear):
@@ -308,7 +315,7 @@ class QuantLinear(PackedLinear):
         # kept lean: for SmolLM2-sized layers this wrapper costs as much as the kernel call
         reuse = not torch.compiler.is_compiling()  # compiled graphs plan their own memory
         if self._format == "int4_cpu":
-            if tokens <= DECODE_MAX_TOKENS["int4pack_mm"]:
+            if _few(tokens, "int4pack_mm"):
                 y = _int4cpu.int4_decode(x2.to(torch.bfloat16), self._buffers, self._plan)
             else:
                 y = _int4cpu.int4_prefill(x2.to(cpu_gemm_dtype()), self._buffers, self._layouts, self._plan, symmetric=self.symmetric, reuse=reuse)
@@ -316,7 +323,7 @@ class QuantLinear(PackedLinear):
         if self._int8_kernel():
             owner = self._tied_to if self._tied_to is not None else self
             q, scales, zeros = owner.qweight.view(torch.int8), owner.scales, owner._buffers.get("zeros")
-            if tokens <= DECODE_MAX_TOKENS["int8pack_mm"]:
+            if _few(tokens, "int8pack_mm"):
                 return int8_decode(x2.to(torch.bfloat16), q, scales, zeros)
             return int8_prefill(x2.to(cpu_gemm_dtype()), q, scales, zeros, reuse=reuse)
         gemm = cpu_gemm_dtype()
@@ -363,8 +370,29 @@ class QuantLinear(PackedLinear):
             error_msgs.extend(bad)
             return
         device = self._device()
+        device = got["qweight"].device if device.type == "meta" else device  # an empty layer from a checkpoint
         zeros = got["zeros"].to(device=device, dtype=torch.int8) if "zeros" in got else None
         self._install(got["qweight"].to(device=device, dtype=torch.uint8), got["scales"].to(device), zeros)
+
+    def checkpoint_config(self) -> dict[str, Any]:
+        """What :meth:`from_checkpoint_config` rebuilds this layer from (see :mod:`llmslim.io`)."""
+        return {"in_features": self.in_features, "out_features": self.out_features, "bits": self.bits, "group_size": self.group_size,
+                "symmetric": self.symmetric, "bias": self.bias is not None, "scale_dtype": dtype_name(self.scale_dtype),
+                "weight_dtype": dtype_name(self.weight_dtype)}
+
+    def checkpoint_tied(self) -> nn.Module | None:
+        """The embedding whose table this layer reads, or ``None``."""
+        return self._tied_to
+
+    @classmethod
+    def from_checkpoint_config(cls, cfg: dict[str, Any], *, tied: nn.Module | None = None) -> QuantLinear:
+        """An empty layer (``meta`` tensors) of :meth:`checkpoint_config`'s shape; ``tied``: its embedding."""
+        wd = dtype_from_name(cfg["weight_dtype"])
+        bias = torch.empty(cfg["out_features"], dtype=wd, device="meta") if cfg["bias"] else None
+        if tied is not None:
+            return cls.tied(tied, bias=bias)
+        return cls(cfg["in_features"], cfg["out_features"], bits=cfg["bits"], group_size=cfg["group_size"], symmetric=cfg["symmetric"],
+                   bias=cfg["bias"], scale_dtype=dtype_from_name(cfg["scale_dtype"]), weight_dtype=wd, device="meta")
 
     def extra_repr(self) -> str:
         tied = ", tied" if self._tied_to is not None else ""

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._ckpt_kinds import dtype_from_name, dtype_name
 from ..errors import ConfigError
 from ..prune._storage import pack_bits, pack_ints, unpack_bits, unpack_ints
 from ._functional import BITS, code_range, dequantize, expand_groups, num_groups
@@ -166,6 +167,41 @@ class SparseQuantLinear(nn.Module):
         state = layer.packed_state()
         return cls(layer.codes(), state["scales"], state.get("zeros"), bits=layer.bits, group_size=layer.group_size,
                    bias=layer.bias, weight_dtype=layer.weight_dtype)
+
+    def checkpoint_config(self) -> dict[str, Any]:
+        """What :meth:`from_checkpoint_config` rebuilds this layer from (see :mod:`llmslim.io`)."""
+        return {"in_features": self.in_features, "out_features": self.out_features, "bits": self.bits, "group_size": self.group_size,
+                "symmetric": self.symmetric, "bias": self.bias is not None, "scale_dtype": dtype_name(self.scales.dtype),
+                "weight_dtype": dtype_name(self.weight_dtype), "format": self.format, "n": self.n, "m": self.m, "count": self.count,
+                "weight_sparsity": self.weight_sparsity}
+
+    @classmethod
+    def from_checkpoint_config(cls, cfg: dict[str, Any], *, tied: nn.Module | None = None) -> SparseQuantLinear:
+        """An empty layer (``meta`` tensors of the stored shapes) of :meth:`checkpoint_config`."""
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        out, inp, bits, count = cfg["out_features"], cfg["in_features"], cfg["bits"], cfg["count"]
+        if bits not in BITS or cfg["format"] not in ("nm", "bitmask"):
+            raise ConfigError(f"SparseQuantLinear: bits must be one of {BITS} and format 'nm' or 'bitmask' (got {bits!r}, {cfg['format']!r})")
+        new.in_features, new.out_features, new.bits, new.count = inp, out, bits, count
+        new.group_size = None if cfg["group_size"] is None or cfg["group_size"] >= inp else cfg["group_size"]
+        new.groups, new.symmetric = num_groups(inp, cfg["group_size"]), cfg["symmetric"]
+        new.weight_dtype, new.format, new.n, new.m = dtype_from_name(cfg["weight_dtype"]), cfg["format"], cfg["n"], cfg["m"]
+        meta = dict(dtype=torch.uint8, device="meta")
+        if new.format == "nm":
+            new.register_buffer("indices", torch.empty(math.ceil(count * _index_bits(new.m) / 8), **meta))
+        else:
+            new.register_buffer("bitmask", torch.empty(math.ceil(out * inp / 8), **meta))
+        new.register_buffer("qvalues", torch.empty(math.ceil(count * bits / 8), **meta))
+        new.register_buffer("scales", torch.empty(out, new.groups, dtype=dtype_from_name(cfg["scale_dtype"]), device="meta"))
+        if not new.symmetric:
+            new.register_buffer("zeros", torch.empty(out, new.groups, dtype=torch.int8, device="meta"))
+        bias = nn.Parameter(torch.empty(out, dtype=new.weight_dtype, device="meta"), requires_grad=False) if cfg["bias"] else None
+        new.register_parameter("bias", bias)
+        stored = (new.indices if new.m else new.bitmask).numel() + new.qvalues.numel()
+        new.weight_sparsity, new.weight_bits = float(cfg["weight_sparsity"]), stored * 8 / (out * inp)
+        new.logical_params = out * inp + (out if cfg["bias"] else 0)
+        return new
 
     # -- the weight -----------------------------------------------------------------------------
     def codes(self) -> torch.Tensor:

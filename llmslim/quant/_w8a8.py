@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._ckpt_kinds import dtype_from_name, dtype_name
 from ..errors import ConfigError
 from ._functional import quant_params, quantize
 from ._packed import PackedLinear
@@ -248,6 +249,16 @@ class Int8DynamicLinear(PackedLinear):
         self.qweight, self.scales = qweight.to(probe.device), scales.to(probe.device)
         self._packed = None
         return self
+
+    def checkpoint_config(self) -> dict[str, Any]:
+        """What :meth:`from_checkpoint_config` rebuilds this layer from (see :mod:`llmslim.io`)."""
+        return {"in_features": self.in_features, "out_features": self.out_features, "bias": self.bias is not None,
+                "weight_dtype": dtype_name(self.weight_dtype)}
+
+    @classmethod
+    def from_checkpoint_config(cls, cfg: dict[str, Any], *, tied: nn.Module | None = None) -> Int8DynamicLinear:
+        """An empty layer (``meta`` tensors) of :meth:`checkpoint_config`'s shape."""
+        return cls(cfg["in_features"], cfg["out_features"], bias=cfg["bias"], weight_dtype=dtype_from_name(cfg["weight_dtype"]), device="meta")
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8 weights and per-token int8 activations"
