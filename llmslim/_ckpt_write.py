@@ -18,7 +18,7 @@ from ._ckpt_kinds import module_kind
 from ._ckpt_manifest import INDEX, MANIFEST, SINGLE, manifest_dict, sha256_file, shard_name
 from .errors import CheckpointError
 
-__all__ = ["collect", "write_folder"]
+__all__ = ["collect", "write_folder", "publish_folder"]
 
 
 def _check_final(model: nn.Module) -> None:
@@ -159,9 +159,7 @@ def write_folder(model: nn.Module, path: Path, *, recipe: dict[str, Any] | None,
     path.parent.mkdir(parents=True, exist_ok=True)
     token = uuid.uuid4().hex[:8]
     tmp = path.parent / f".{path.name}.tmp-{token}"
-    old = path.parent / f".{path.name}.old-{token}"
     tmp.mkdir()
-    moved = False
     try:
         groups = _shards(tensors, shard_bytes)
         files: dict[str, dict[str, Any]] = {}
@@ -177,17 +175,28 @@ def write_folder(model: nn.Module, path: Path, *, recipe: dict[str, Any] | None,
         if extra is not None:
             extra(tmp)
         _write_json(tmp / MANIFEST, manifest_dict(parts, files=files, recipe=recipe))
-        _fsync_dir(tmp)
+        publish_folder(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def publish_folder(tmp: Path, path: Path) -> None:
+    """Move the complete folder ``tmp`` to ``path`` atomically; an existing ``path`` is removed
+    only once ``tmp`` is in its place, and put back if the move fails."""
+    _fsync_dir(tmp)
+    old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+    moved = False
+    try:
         if path.exists():
             os.rename(path, old)
             moved = True
         os.rename(tmp, path)
         _fsync_dir(path.parent)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
         if moved and not path.exists():
             os.rename(old, path)  # put the previous checkpoint back
         raise
     if moved:
         shutil.rmtree(old, ignore_errors=True)
-    return path

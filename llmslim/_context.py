@@ -58,6 +58,12 @@ class Context:
         rollback: Journal each pass so a failure restores the model (default). ``False`` saves
             the memory of in-place copies on models too large to hold twice; a failing pass then
             leaves the model as the error found it (``PassError.rolled_back`` is ``False``).
+        weights: Calibrate from weights on disk: a
+            :class:`~llmslim.calibration.ShardedWeights` or a path to safetensors shards. The
+            model is then a skeleton built on ``meta``; each block is loaded just before it runs
+            and released after, and the passes must form one calibration sweep.
+        after_block: ``after_block(name, block)``, called by the calibration engine with each
+            finished block (e.g. a :class:`llmslim.io.StreamingSave` writing it to disk).
 
     Attributes:
         step: Training steps completed (advanced by ``PassManager.step``).
@@ -83,6 +89,8 @@ class Context:
         progress: bool = True,
         seed: int = 0,
         rollback: bool = True,
+        weights: Any = None,
+        after_block: Callable[[str, nn.Module], None] | None = None,
     ) -> None:
         if calibration is not None and not isinstance(calibration, Sequence):
             if isinstance(calibration, (torch.Tensor, Mapping)) or not isinstance(calibration, Iterable):
@@ -100,6 +108,17 @@ class Context:
             self.device = None if device is None else torch.device(device)
         except (RuntimeError, TypeError):
             raise ConfigError(f"Context: device must be a torch device (got {device!r})") from None
+        if weights is not None:
+            from .calibration._weights import ShardedWeights  # the engine imports this module
+
+            if isinstance(weights, (str, os.PathLike)):
+                weights = ShardedWeights(weights)
+            elif not isinstance(weights, ShardedWeights):
+                raise ConfigError(f"Context: weights must be a ShardedWeights or a path to safetensors shards (got {type(weights).__name__})")
+        if after_block is not None and not callable(after_block):
+            raise ConfigError(f"Context: after_block must be callable (got {after_block!r})")
+        self.weights = weights
+        self.after_block = after_block
         self.calibration = calibration
         self.forward = forward
         self.teacher = teacher
@@ -146,8 +165,12 @@ class Context:
 
     @contextlib.contextmanager
     def working_on(self, name: str, module: nn.Module, *, in_place: bool = True) -> Iterator[None]:
-        """Mark ``name`` as the module being edited; journal its tensors first if ``in_place``."""
-        if in_place and self.journal is not None:
+        """Mark ``name`` as the module being edited; journal its tensors first if ``in_place``.
+
+        With :attr:`weights` on disk nothing is copied: the values are on disk, and the
+        journal's structural snapshot already restores the ``meta`` tensors the model had.
+        """
+        if in_place and self.journal is not None and self.weights is None:
             self.journal.save_(module)
         self.module = name
         yield

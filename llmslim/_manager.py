@@ -13,7 +13,7 @@ from typing import Any
 from torch import nn
 
 from ._context import Context
-from .calibration._pass import Sweep, sweeps
+from .calibration._pass import CalibrationPass, Sweep, sweeps
 from ._measure import count_params, model_bytes
 from ._pass import pass_name
 from ._recipe import read_recipe, write_recipe
@@ -84,8 +84,12 @@ class PassManager:
         Raises:
             OrderError: A pass cannot run after an earlier one; names both.
             CalibrationError: A pass needs calibration data and ``ctx`` has none.
-            ConfigError: A pass needs a teacher and ``ctx`` has none.
+            ConfigError: A pass needs a teacher and ``ctx`` has none, or ``ctx`` streams the
+                model block by block (``weights`` or ``after_block``) and the passes are not one
+                calibration sweep.
         """
+        if ctx is not None and (getattr(ctx, "weights", None) is not None or getattr(ctx, "after_block", None) is not None):
+            _check_streamed(self.passes)
         produced: dict[str, str] = {}
         for p in self.passes:
             label = pass_name(p)
@@ -223,6 +227,18 @@ def _root(name: str, children: list[Report], start: float) -> Report:
         bytes_after=children[-1].bytes_after if children else None,
         modified=any(c.modified for c in children),
     )
+
+
+def _check_streamed(passes: Sequence[Any]) -> None:
+    # Each block is loaded from disk (and/or handed to after_block, e.g. written) once: a second
+    # sweep or a pass working on the whole model would see meta tensors or change written blocks.
+    units = sweeps(passes)
+    if len(units) != 1 or not isinstance(units[0], (CalibrationPass, Sweep)):
+        names = ", ".join(repr(pass_name(p)) for p in passes) or "none"
+        raise ConfigError(
+            "a Context with weights on disk or after_block runs the model block by block once: the passes must be "
+            f"calibration passes sharing one sweep (same blocks and propagate); got {names}"
+        )
 
 
 def compress_(

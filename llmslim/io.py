@@ -4,7 +4,9 @@
 scales, untouched float weights) and a manifest naming, for every module llmslim replaced, its
 kind and the config that rebuilds it. :func:`load` takes a freshly built *uncompressed* model (on
 CPU, or on the ``meta`` device so the float weights are never allocated), replays the module swaps
-and fills the tensors module by module from the files. See docs/checkpoints.md for the format.
+and fills the tensors module by module from the files. :class:`StreamingSave` writes the same
+folder block by block while a model is calibrated from its shards on disk. See
+docs/checkpoints.md for the format.
 
 Example:
     >>> import tempfile, torch
@@ -34,9 +36,10 @@ from torch import nn
 
 from ._ckpt_kinds import ModuleKind, known_kinds, register_module_kind
 from ._ckpt_manifest import FORMAT_VERSION, MANIFEST, read_manifest
+from ._ckpt_stream import StreamingSave
 from .errors import CheckpointError, ConfigError
 
-__all__ = ["save", "load", "read_manifest", "register_module_kind", "known_kinds", "ModuleKind", "FORMAT_VERSION", "MANIFEST"]
+__all__ = ["save", "load", "StreamingSave", "read_manifest", "register_module_kind", "known_kinds", "ModuleKind", "FORMAT_VERSION", "MANIFEST"]
 
 
 def save(

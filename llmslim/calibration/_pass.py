@@ -68,7 +68,8 @@ class CalibrationPass(PassBase):
         return (self.blocks, self.propagate)
 
     def apply(self, model: nn.Module, ctx: Context) -> Report:
-        result = calibrate(model, ctx, [self], blocks=self.blocks, propagate=self.propagate, desc=self.label)
+        result = calibrate(model, ctx, [self], blocks=self.blocks, propagate=self.propagate, weights=ctx.weights,
+                           after_block=ctx.after_block, desc=self.label)
         return self.report(result.rows[0], notes=result.notes())
 
 
@@ -112,7 +113,7 @@ class Sweep:
         first = self.passes[0]
         result = calibrate(
             model, ctx, [_Tracked(p, self) for p in self.passes], blocks=first.blocks, propagate=first.propagate,
-            desc=" + ".join(p.label for p in self.passes),
+            weights=ctx.weights, after_block=ctx.after_block, desc=" + ".join(p.label for p in self.passes),
         )
         self.current = None
         shared = f"shared calibration sweep: {', '.join(p.label for p in self.passes)}"

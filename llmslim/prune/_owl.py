@@ -102,7 +102,8 @@ def outlier_ratios(model: nn.Module, ctx: Context, owner: Any, score: Scorer, m:
         (an ``lm_head``) have no block.
     """
     probe = _OutlierProbe(owner, score, m)
-    calibrate(model, ctx, [probe], blocks=owner.blocks, propagate="original", after_block=probe.close_block,
+    # read-only: blocks come from ctx.weights when on disk, but are not handed to ctx.after_block
+    calibrate(model, ctx, [probe], blocks=owner.blocks, propagate="original", weights=ctx.weights, after_block=probe.close_block,
               desc=f"{owner.label} (OWL outliers)")
     return probe.ratios, probe.block_of
 

@@ -58,15 +58,21 @@ def _weighted_mse_params(cols: torch.Tensor, importance: torch.Tensor, *, bits: 
 def _inverse_cholesky(h: torch.Tensor, damp: float, retries: int = 4) -> tuple[torch.Tensor, float, int]:
     # Upper Cholesky factor of H^-1, damped by a fraction of the mean diagonal; a failure
     # (H not positive definite in float) is retried with ten times the damping.
-    mean = h.diagonal().mean().item()
+    # ``h`` is damped in place (only its diagonal changes, so a retry restores that alone) and
+    # each factor is freed as soon as the next exists: a (5632, 5632) float64 Hessian is 254 MB,
+    # and the peak here sets the peak of calibrating a large model from disk
+    diagonal = h.diagonal().clone()
+    mean = diagonal.mean().item()
     for attempt in range(retries + 1):
-        damped = h.clone()
-        damped.diagonal().add_(damp * mean)
-        lower, info = torch.linalg.cholesky_ex(damped)
+        h.diagonal().copy_(diagonal + damp * mean)
+        lower, info = torch.linalg.cholesky_ex(h)
         if int(info) == 0:
             inverse = torch.cholesky_inverse(lower)
+            del lower
             upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            del inverse
             if int(info) == 0:
+                h.diagonal().copy_(diagonal)
                 return upper, damp, attempt
         damp *= 10
     raise torch.linalg.LinAlgError(f"the Hessian is not positive definite even with damping {damp / 10:g}")
@@ -114,7 +120,7 @@ def gptq_quantize(
         (torch.Size([8, 16]), torch.Size([8, 2]))
     """
     w = w.detach().float().clone()
-    h = hessian.detach().double().clone()
+    h = hessian.detach().to(torch.float64, copy=True)
     out_features, columns = w.shape
     qmin, qmax = code_range(bits)
     dead = h.diagonal() == 0  # inputs that never fire: nothing to preserve there
@@ -125,7 +131,7 @@ def gptq_quantize(
     for g, (s, e) in enumerate(groups):
         group_of[s:e] = g
     perm = torch.argsort(h.diagonal(), descending=True) if act_order else torch.arange(columns)
-    w, h = w[:, perm], h[perm][:, perm]
+    w, h = w[:, perm], h[perm[:, None], perm[None, :]]  # one gather: no intermediate (in, in) copy
     zeros_mask = None if keep_zeros is None else keep_zeros[:, perm]
     upper, used_damp, retries = _inverse_cholesky(h, damp)
     upper = upper.float()
