@@ -62,8 +62,8 @@ def manifest_dict(parts: dict[str, Any], *, files: dict[str, dict[str, Any]], re
         "modules": parts["modules"],
         "aliases": parts["aliases"],
         "non_persistent": parts["non_persistent"],
-        # reserved for structural passes (fewer layers, heads, channels): their config changes
-        "structure": None,
+        # structural passes (fewer layers, heads, channels): shapes and config changes, or None
+        "structure": parts.get("structure"),
         "files": files,
     }
 
@@ -107,6 +107,9 @@ def read_manifest(folder: Path) -> dict[str, Any]:
           "'aliases' must map tensor names to tensor names")
     extra = data.get("non_persistent")
     _need(isinstance(extra, list) and all(isinstance(k, str) for k in extra), path, "'non_persistent' must be a list of names")
+    from ._ckpt_structure import check_structure
+
+    check_structure(data.get("structure"), path)
     files = data.get("files")
     _need(isinstance(files, dict) and bool(files), path, "'files' must name at least one tensor file")
     for name, info in files.items():

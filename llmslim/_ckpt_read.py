@@ -13,6 +13,7 @@ from torch import nn
 
 from ._ckpt_kinds import kind_class
 from ._ckpt_manifest import read_manifest, verify_files
+from ._ckpt_structure import apply_structure_
 from ._rollback import Journal
 from ._targets import replace_module_
 from .errors import CheckpointError
@@ -163,6 +164,7 @@ def load_folder(path: Path, model: nn.Module, *, verify: bool = True) -> nn.Modu
     try:
         with contextlib.ExitStack() as stack:
             reader = _Tensors(folder, list(manifest["files"]), stack)
+            apply_structure_(model, manifest.get("structure"))  # smaller shapes first, then the swaps
             kinds = _swap_modules(model, manifest["modules"])
             with torch.no_grad():
                 for prefix, module, whole in _units(model, "", kinds):

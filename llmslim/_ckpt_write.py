@@ -16,6 +16,7 @@ from torch.nn.utils import parametrize
 
 from ._ckpt_kinds import module_kind
 from ._ckpt_manifest import INDEX, MANIFEST, SINGLE, manifest_dict, sha256_file, shard_name
+from ._ckpt_structure import structure_of
 from .errors import CheckpointError
 
 __all__ = ["collect", "write_folder", "publish_folder"]
@@ -101,7 +102,7 @@ def collect(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         if c.untyped_storage().nbytes() != c.numel() * c.element_size():
             c = c.clone()  # a view into a larger storage: safetensors stores whole, unshared tensors
         tensors[key] = c
-    return tensors, {"modules": entries, "aliases": aliases, "non_persistent": extra}
+    return tensors, {"modules": entries, "aliases": aliases, "non_persistent": extra, "structure": structure_of(model)}
 
 
 def _shards(tensors: dict[str, torch.Tensor], shard_bytes: int) -> list[list[str]]:

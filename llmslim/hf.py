@@ -4,7 +4,7 @@
 The folder is an :func:`llmslim.save` checkpoint plus what ``transformers`` writes for the config,
 generation config and tokenizer; :func:`from_pretrained` builds the model class from the config on
 the ``meta`` device and :func:`llmslim.load` fills it. Structural changes (fewer layers, heads or
-channels) are not rebuilt yet: the manifest's ``structure`` field is reserved for them.
+channels) are rebuilt from the manifest's ``structure`` entry and the saved config.
 
 Example:
     >>> import tempfile, torch

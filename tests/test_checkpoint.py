@@ -13,7 +13,7 @@ from torch import nn
 
 import llmslim as ls
 from llmslim import _ckpt_write, models
-from llmslim.errors import CheckpointError, RegistryError
+from llmslim.errors import CheckpointError, RegistryError, TargetError
 from llmslim.io import register_module_kind
 
 pytest.importorskip("transformers")
@@ -59,6 +59,10 @@ def compressed(arch: str, *passes, **build_kw) -> nn.Module:
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 @pytest.mark.parametrize("name", [n for n in ls.available_passes() if not n.startswith("toy-")])
 def test_every_registered_pass_round_trips_bit_for_bit(name: str, arch: str, tmp_path) -> None:
+    try:  # structural passes cover LLaMA-family decoders of 2+ blocks (tests/test_prune_structured.py)
+        build(name).select(models.tiny(arch, **DIMS))
+    except TargetError as exc:
+        pytest.skip(f"pass {name!r} does not apply to {arch}: {exc}")
     model = compressed(arch, build(name))
     loaded = round_trip(model, arch, tmp_path)
     assert torch.equal(logits(loaded), logits(model))

@@ -12,6 +12,9 @@
 * When to cut: :class:`Schedule` and the :func:`constant`, :func:`linear`, :func:`cubic`
   functions of the training step.
 * How to store: :class:`SparseLinear` keeps a bitmask or N:M indices plus the non-zero values.
+* Structured (:mod:`llmslim.prune.structured`): :class:`Channels` (``"channels"``),
+  :class:`Heads` (``"heads"``) and :class:`Layers` (``"layers"``) physically remove MLP
+  channels, attention heads and blocks of LLaMA-family decoders; docs/structured.md.
 
 See docs/pruning.md.
 """
@@ -28,11 +31,15 @@ from ._schedule import SCHEDULES, Schedule, constant, cubic, linear
 from ._storage import SparseLinear, pack_bits, pack_ints, storage_bytes, unpack_bits, unpack_ints
 from .magnitude import Magnitude
 from .sparsegpt import SparseGPT
+from .structured import Channels, Heads, Layers, register_importance
 from .wanda import Wanda, wanda_scores
 
 __all__ = [
     "SCHEDULES",
     "CalibratedPrune",
+    "Channels",
+    "Heads",
+    "Layers",
     "Magnitude",
     "Mask",
     "ObsResult",
@@ -60,6 +67,7 @@ __all__ = [
     "pack_ints",
     "parse_pattern",
     "prune_count",
+    "register_importance",
     "relative_output_error",
     "row_mask",
     "rows_view",
