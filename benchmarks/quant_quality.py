@@ -68,6 +68,8 @@ SMOLLM2: dict[str, dict[str, Any]] = {
     "torch.ao quantize_dynamic": dict(method="torch.ao"),
     "smoothquant+w8a8": dict(method="registry", passes=["smoothquant", "w8a8"]),
     "fp8": dict(method="registry", passes=["fp8"]),
+    "fp8 clip=mse": dict(method="fp8", clip="mse"),
+    "fp8 clip=minmax": dict(method="fp8", clip="minmax"),
 }
 # one change at a time from "gptq int4 g64"; "calibration" is the number of 512-token windows
 ABLATION: dict[str, dict[str, Any]] = {
@@ -78,6 +80,7 @@ ABLATION: dict[str, dict[str, Any]] = {
     "calibration=16": dict(calibration=16),
     "calibration=64": dict(calibration=64),
     "calibration=128": dict(calibration=128),
+    "calibration=128 true_sequential=False": dict(calibration=128, true_sequential=False),
     "damp=0.001": dict(damp=0.001),
     "damp=0.1": dict(damp=0.1),
     "true_sequential=False": dict(true_sequential=False),
@@ -141,6 +144,8 @@ def compress(model: torch.nn.Module, spec: dict[str, Any], calibration: list[Any
         return model, peers.torchao_hqq_dequantized_(model, cfg["group_size"])
     elif method == "torch.ao":
         return peers.quantize_dynamic(model), {}
+    elif method == "fp8":
+        compress_(model, get_pass("fp8")(**cfg), progress=False)
     elif method == "registry":
         try:
             passes = [get_pass(name)() for name in cfg["passes"]]

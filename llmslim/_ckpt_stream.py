@@ -25,7 +25,7 @@ from torch import nn
 
 from ._ckpt_kinds import module_kind
 from ._ckpt_manifest import INDEX, MANIFEST, SINGLE, manifest_dict, shard_name
-from ._ckpt_write import _check_final, _write_json, publish_folder
+from ._ckpt_write import _check_final, _write_json, module_entry, publish_folder
 from .errors import CheckpointError, ConfigError
 
 __all__ = ["StreamingSave"]
@@ -259,20 +259,7 @@ class StreamingSave:
                 self._write_tree(child, f"{prefix}{key}.", skip=skip, seen=seen)
 
     def _entry(self, name: str, kind: str, module: nn.Module) -> dict[str, Any]:
-        cfg = module.checkpoint_config()  # type: ignore[operator]
-        try:
-            json.dumps(cfg, allow_nan=False)
-        except (TypeError, ValueError) as exc:
-            raise CheckpointError(f"{kind}.checkpoint_config() of {name!r} must return plain JSON data ({exc})") from None
-        entry: dict[str, Any] = {"name": name, "kind": kind, "config": cfg}
-        tie = getattr(module, "checkpoint_tied", None)
-        owner = tie() if callable(tie) else None
-        if owner is not None:
-            names = {id(m): n for n, m in self.model.named_modules()}
-            if id(owner) not in names:
-                raise CheckpointError(f"module {name!r} is tied to a module outside the model")
-            entry["tied_to"] = names[id(owner)]
-        return entry
+        return module_entry(name, kind, module, {id(m): n for n, m in self.model.named_modules()})
 
     def _put(self, key: str, t: torch.Tensor, seen: dict[Any, tuple[str, torch.Tensor]], *, extra: bool) -> None:
         meta = t.device.type == "meta"

@@ -33,6 +33,23 @@ def _check_final(model: nn.Module) -> None:
             )
 
 
+def module_entry(name: str, kind: str, module: nn.Module, names: dict[int, str]) -> dict[str, Any]:
+    """The manifest entry of one compressed module (``names``: qualified name by module id)."""
+    cfg = module.checkpoint_config()  # type: ignore[operator]
+    try:
+        json.dumps(cfg, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{kind}.checkpoint_config() of {name!r} must return plain JSON data ({exc})") from None
+    entry: dict[str, Any] = {"name": name, "kind": kind, "config": cfg}
+    tie = getattr(module, "checkpoint_tied", None)
+    owner = tie() if callable(tie) else None
+    if owner is not None:
+        if id(owner) not in names:
+            raise CheckpointError(f"module {name!r} is tied to a module outside the model")
+        entry["tied_to"] = names[id(owner)]
+    return entry
+
+
 def _kinds(model: nn.Module) -> tuple[list[dict[str, Any]], set[str]]:
     """Manifest entries of the modules of registered kinds, and their prefixes."""
     names = {id(m): n for n, m in model.named_modules()}
@@ -46,19 +63,7 @@ def _kinds(model: nn.Module) -> tuple[list[dict[str, Any]], set[str]]:
             continue
         if not name:
             raise CheckpointError(f"the root module is a {kind}: save a model that contains it instead")
-        cfg = module.checkpoint_config()  # type: ignore[operator]
-        try:
-            json.dumps(cfg, allow_nan=False)
-        except (TypeError, ValueError) as exc:
-            raise CheckpointError(f"{kind}.checkpoint_config() of {name!r} must return plain JSON data ({exc})") from None
-        entry: dict[str, Any] = {"name": name, "kind": kind, "config": cfg}
-        tie = getattr(module, "checkpoint_tied", None)
-        owner = tie() if callable(tie) else None
-        if owner is not None:
-            if id(owner) not in names:
-                raise CheckpointError(f"module {name!r} is tied to a module outside the model")
-            entry["tied_to"] = names[id(owner)]
-        entries.append(entry)
+        entries.append(module_entry(name, kind, module, names))
         inside.add(name + ".")
     return entries, inside
 

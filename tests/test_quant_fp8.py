@@ -185,7 +185,7 @@ def test_fp8_on_every_tiny_architecture(arch: str) -> None:
     [
         (dict(scale_dtype="float16"), "scale_dtype must be one of 'float32', 'bfloat16' (got 'float16')"),
         (dict(activations="static"), "activations must be one of 'none', 'dynamic' (got 'static')"),
-        (dict(clip="hqq"), "clip must be one of 'minmax', 'mse' (got 'hqq')"),
+        (dict(clip="hqq"), "clip must be one of 'mse', 'minmax' (got 'hqq')"),
         (dict(targets=()), "targets must not be empty"),
     ],
 )

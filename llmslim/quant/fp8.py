@@ -33,8 +33,9 @@ class FP8(PassBase):
     Args:
         scale_dtype: ``"float32"`` (default) or ``"bfloat16"`` scales.
         activations: ``"none"`` (weight-only) or ``"dynamic"`` (float8 activations per token).
-        clip: ``"minmax"`` (``s = max|w| / 448``) or ``"mse"`` (per row, the lowest-error scale
-            among eight alignments of the e4m3 grid; eight times the quantization work).
+        clip: ``"mse"`` (default: per row, the lowest-error scale among eight alignments of the
+            e4m3 grid; eight times the quantization work, seconds for SmolLM2: 0.998x float32
+            perplexity against 1.022x) or ``"minmax"`` (``s = max|w| / 448``).
         targets / ignore / name: As :class:`~llmslim.PassBase`; ``lm_head`` is ignored by default.
 
     Raises:
@@ -53,7 +54,7 @@ class FP8(PassBase):
     ignore: tuple[Target, ...] = ("lm_head",)
     scale_dtype: Literal["float32", "bfloat16"] = "float32"
     activations: Literal["none", "dynamic"] = "none"
-    clip: Literal["minmax", "mse"] = "minmax"
+    clip: Literal["mse", "minmax"] = "mse"
 
     produces: ClassVar[frozenset[str]] = frozenset({"packed"})
     accepts: ClassVar[tuple[str, ...]] = ("Linear", "Conv1D")
