@@ -42,6 +42,7 @@ __all__ = [
     "dequantize",
     "fake_quantize",
     "relative_error",
+    "zero_fraction",
 ]
 
 BITS: tuple[int, ...] = (2, 3, 4, 8)
@@ -259,3 +260,9 @@ def relative_error(w: torch.Tensor, approx: torch.Tensor) -> float:
     if norm == 0:
         return 0.0 if diff == 0 else math.inf
     return float(diff / norm)
+
+
+def zero_fraction(q: torch.Tensor, zeros: torch.Tensor | None, in_features: int, group_size: int | None) -> float:
+    """Fraction of codes ``q`` ``(out, in)`` equal to their zero point: the weights that are exactly 0.0."""
+    zero = 0 if zeros is None else expand_groups(zeros, in_features, group_size)
+    return float((q == zero).sum()) / max(1, q.numel())

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "DECODE_MAX_TOKENS",
+    "few_tokens",
     "cpu_gemm_dtype",
     "workspace",
     "release_workspace",
@@ -37,6 +38,13 @@ __all__ = [
 # it, dequantizing once and running the bfloat16 GEMM is faster (the kernels' cost grows with
 # every token, the GEMM's barely does).
 DECODE_MAX_TOKENS: dict[str, int] = {"int8pack_mm": 16, "int4pack_mm": 48}
+
+
+def few_tokens(tokens: int, kernel: str) -> bool:
+    """Whether ``tokens`` rows go to the low-bit ``kernel`` (:data:`DECODE_MAX_TOKENS`)."""
+    # A token count left symbolic by torch.export: the kernel serves every count, while a branch
+    # on the count would restrict the exported program to one side of the threshold.
+    return (isinstance(tokens, torch.SymInt) and torch.compiler.is_exporting()) or tokens <= DECODE_MAX_TOKENS[kernel]
 
 
 def _native_bf16() -> bool:

@@ -19,8 +19,8 @@ from .._ckpt_kinds import dtype_from_name, dtype_name
 from ..errors import ConfigError
 from . import _int4cpu
 from ._clip import search_params
-from ._functional import BITS, dequantize, expand_groups, num_groups, quantize
-from ._kernels import DECODE_MAX_TOKENS, cpu_gemm_dtype, int8_available, int8_decode, int8_prefill
+from ._functional import BITS, dequantize, num_groups, quantize, zero_fraction
+from ._kernels import DECODE_MAX_TOKENS, cpu_gemm_dtype, few_tokens, int8_available, int8_decode, int8_prefill
 from ._layout import cpu_int4_available, int4_plan
 from ._packed import PackedLinear
 from ._packing import pack, row_bytes, unpack
@@ -45,18 +45,6 @@ def float_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     if type(module).__name__ == "Conv1D" and isinstance(w, torch.Tensor) and w.dim() == 2 and hasattr(module, "nf"):
         return w.detach().t(), getattr(module, "bias", None)
     raise ConfigError(f"module must be an nn.Linear or a transformers Conv1D (got {type(module).__name__})")
-
-
-def _zero_fraction(q: torch.Tensor, zeros: torch.Tensor | None, in_features: int, group_size: int | None) -> float:
-    # codes equal to their zero point are the weights that are exactly 0.0
-    zero = 0 if zeros is None else expand_groups(zeros, in_features, group_size)
-    return float((q == zero).sum()) / max(1, q.numel())
-
-
-def _few(tokens: int, kernel: str) -> bool:
-    # A token count left symbolic by torch.export: the kernel serves every count, while a branch
-    # on the count would restrict the exported program to one side of the threshold.
-    return (isinstance(tokens, torch.SymInt) and torch.compiler.is_exporting()) or tokens <= DECODE_MAX_TOKENS[kernel]
 
 
 class QuantLinear(PackedLinear):
@@ -204,7 +192,7 @@ class QuantLinear(PackedLinear):
         for name in _NAMES:
             self._buffers.pop(name, None)
         self._format, self._layouts = "packed", ()
-        self._sparsity = None if codes is None else _zero_fraction(codes, zeros, self.in_features, self.group_size)
+        self._sparsity = None if codes is None else zero_fraction(codes, zeros, self.in_features, self.group_size)
         scales = scales.to(self.scale_dtype)
         if kernel and self._plan is not None and qweight.device.type == "cpu" and cpu_int4_available():
             made = _int4cpu.to_kernel(unpack(qweight, 4, self.in_features) if codes is None else codes, scales, zeros, self._plan)
@@ -270,7 +258,7 @@ class QuantLinear(PackedLinear):
         """Fraction of weights that are exactly zero (codes equal to their zero point)."""
         if self._sparsity is None:
             q, _, zeros = self._unpacked()
-            self._sparsity = _zero_fraction(q, zeros, self.in_features, self.group_size)
+            self._sparsity = zero_fraction(q, zeros, self.in_features, self.group_size)
         return self._sparsity
 
     # -- kernels ----------------------------------------------------------------------------
@@ -315,7 +303,7 @@ class QuantLinear(PackedLinear):
         # kept lean: for SmolLM2-sized layers this wrapper costs as much as the kernel call
         reuse = not torch.compiler.is_compiling()  # compiled graphs plan their own memory
         if self._format == "int4_cpu":
-            if _few(tokens, "int4pack_mm"):
+            if few_tokens(tokens, "int4pack_mm"):
                 y = _int4cpu.int4_decode(x2.to(torch.bfloat16), self._buffers, self._plan)
             else:
                 y = _int4cpu.int4_prefill(x2.to(cpu_gemm_dtype()), self._buffers, self._layouts, self._plan, symmetric=self.symmetric, reuse=reuse)
@@ -323,7 +311,7 @@ class QuantLinear(PackedLinear):
         if self._int8_kernel():
             owner = self._tied_to if self._tied_to is not None else self
             q, scales, zeros = owner.qweight.view(torch.int8), owner.scales, owner._buffers.get("zeros")
-            if _few(tokens, "int8pack_mm"):
+            if few_tokens(tokens, "int8pack_mm"):
                 return int8_decode(x2.to(torch.bfloat16), q, scales, zeros)
             return int8_prefill(x2.to(cpu_gemm_dtype()), q, scales, zeros, reuse=reuse)
         gemm = cpu_gemm_dtype()
