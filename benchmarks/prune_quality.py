@@ -336,8 +336,8 @@ def main() -> None:
         # every result is written as soon as it is measured: a long run that is stopped keeps it
         if args.only is None:
             write_result("prune_quality", settings, results, quick=args.quick)
-        else:
-            _write_merged(args.quick, settings, {key: results[key]})
+        else:  # this run's results so far (a new file gets the dense figures too)
+            _write_merged(args.quick, settings, results)
 
     chosen = [k for k in METHODS if args.only is None or k in args.only]
     if not _torchao_available():
