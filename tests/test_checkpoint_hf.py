@@ -14,6 +14,7 @@ from llmslim import data, evaluate, models
 from llmslim.cli import main
 from llmslim.errors import CheckpointError, LlmslimError
 from llmslim.testing import strategies as lst
+from textkit import tiny_hf_folder  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
@@ -39,23 +40,8 @@ def test_hf_save_pretrained_and_from_pretrained_round_trip(tmp_path) -> None:
         ls.hf.from_pretrained(ls.save(model, tmp_path / "plain"))
 
 
-def _tiny_folder(tmp_path):
-    from tokenizers import Tokenizer, models as tm, pre_tokenizers
-
-    words = sorted({w for w in data.docs_text()[:20000].split()})[:126]
-    vocab = {"[UNK]": 0, "[EOS]": 1, **{w: i + 2 for i, w in enumerate(words)}}
-    tk = Tokenizer(tm.WordLevel(vocab, unk_token="[UNK]"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", eos_token="[EOS]")
-    model = models.tiny("llama", max_positions=512, eos_token_id=1)
-    folder = tmp_path / "tiny-llama"
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 def test_cli_compress_out_then_eval_the_saved_folder(tmp_path, capsys) -> None:
-    folder = _tiny_folder(tmp_path)
+    folder = tiny_hf_folder(tmp_path)
     recipe = tmp_path / "r.toml"
     recipe.write_text('[[passes]]\npass = "rtn"\nbits = 4\ngroup_size = 32\n')
     out = tmp_path / "saved"

@@ -14,6 +14,7 @@ from llmslim.errors import ConfigError, FetchError
 
 transformers = pytest.importorskip("transformers")
 from llmslim import models  # noqa: E402
+from textkit import tiny_hf_folder  # noqa: E402
 
 PAYLOAD = b"not really a gguf file, but bytes with a known sha256"
 
@@ -100,23 +101,8 @@ def test_tiny_architectures_run_and_are_seeded(arch) -> None:
         models.tiny("t5")
 
 
-def _tiny_folder(tmp_path):
-    from tokenizers import Tokenizer, models as tm, pre_tokenizers
-
-    words = sorted({w for w in data.docs_text()[:20000].split()})[:126]
-    vocab = {"[UNK]": 0, "[EOS]": 1, **{w: i + 2 for i, w in enumerate(words)}}
-    tk = Tokenizer(tm.WordLevel(vocab, unk_token="[UNK]"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", eos_token="[EOS]")
-    model = models.tiny("llama", max_positions=512, eos_token_id=1)  # the tokenizer's [EOS]
-    folder = tmp_path / "tiny-llama"
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 def test_load_folder_and_eval_cli_end_to_end(tmp_path, capsys) -> None:
-    folder = _tiny_folder(tmp_path)
+    folder = tiny_hf_folder(tmp_path)
     model, tokenizer = models.load(folder)
     assert type(model).__name__ == "LlamaForCausalLM" and not model.training
     assert main(["eval", "--model", str(folder), "--windows", "2", "--json", "--no-progress"]) == 0
@@ -129,7 +115,7 @@ def test_load_folder_and_eval_cli_end_to_end(tmp_path, capsys) -> None:
 
 
 def test_compress_cli_runs_a_recipe_with_calibration(tmp_path, capsys) -> None:
-    folder = _tiny_folder(tmp_path)
+    folder = tiny_hf_folder(tmp_path)
     recipe = tmp_path / "r.toml"
     recipe.write_text('[[passes]]\npass = "toy-prune"\nsparsity = 0.25\nignore = ["lm_head"]\n')
     code = main(["compress", "--model", str(folder), "--recipe", str(recipe), "--windows", "2", "--n-calib", "2", "--json", "--no-progress"])

@@ -25,3 +25,22 @@ class Bigram(nn.Module):
 
     def forward(self, input_ids: torch.Tensor):
         return self.table[input_ids]
+
+
+def tiny_hf_folder(tmp_path):
+    """A tiny LLaMA saved with ``save_pretrained`` and a word-level tokenizer over docs words."""
+    import transformers
+    from tokenizers import Tokenizer, models as tm, pre_tokenizers
+
+    from llmslim import data, models
+
+    words = sorted({w for w in data.docs_text()[:20000].split()})[:126]
+    vocab = {"[UNK]": 0, "[EOS]": 1, **{w: i + 2 for i, w in enumerate(words)}}
+    tk = Tokenizer(tm.WordLevel(vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", eos_token="[EOS]")
+    model = models.tiny("llama", max_positions=512, eos_token_id=1)  # the tokenizer's [EOS]
+    folder = tmp_path / "tiny-llama"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
