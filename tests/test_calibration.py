@@ -292,7 +292,10 @@ def test_two_gloo_ranks_match_one_process(tmp_path) -> None:
     for name, stats in rec.seen.items():
         assert got["stats"][name]["n"] == stats["n"]
         for kind in ("xtx", "sqsum", "absmax"):
-            torch.testing.assert_close(got["stats"][name][kind], stats[kind], rtol=1e-9, atol=1e-9)
+            # X^T X sums a few batches in float32 before the float64 total, so two ranks (each
+            # its own half of the batches) round differently from one process: float32 closeness
+            tol = 1e-5 if kind == "xtx" else 1e-9
+            torch.testing.assert_close(got["stats"][name][kind], stats[kind], rtol=tol, atol=tol)
     for key, value in model.state_dict().items():
         assert torch.equal(got["state"][key], value), key
 

@@ -10,6 +10,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .._context import Context
 from .._report import ModuleRow
@@ -73,6 +74,8 @@ class CalibrationResult:
 
 def _checksum(t: torch.Tensor) -> int:
     raw = t.detach().contiguous().view(-1).view(torch.uint8)
+    if raw.numel() % 4 == 0:  # summed as 32-bit words: a quarter of the elements to widen
+        raw = raw.view(torch.int32)
     return int(raw.sum(dtype=torch.int64)) + 257 * int(raw[::7].sum(dtype=torch.int64))
 
 
@@ -107,7 +110,9 @@ def _run_block(block: nn.Module, inputs: list[BlockInput], device: torch.device,
     # batch's output replaces its input in ``inputs`` at once: one copy of the activations lives,
     # not two
     outputs = []
-    with torch.no_grad():
+    # cached(): a masked weight (weight * mask, a parametrization) is built once per forward
+    # sweep, not once per batch; nothing changes the weights while the batches run
+    with torch.no_grad(), parametrize.cached():
         for j, inp in enumerate(inputs):
             if on_batch is not None:
                 on_batch(inp)
@@ -284,8 +289,9 @@ def calibrate(
                         outputs = fresh
                     _solve(batch_of_groups, stats, ctx, rows, index)
                     del stats  # the statistics (Hessians: the largest tensors here) are not needed again
-                    if _fingerprint(block) != fingerprint:
-                        fresh, fingerprint = None, _fingerprint(block)
+                    now = _fingerprint(block)
+                    if now != fingerprint:
+                        fresh, fingerprint = None, now
             if outputs is None:
                 outputs = fresh if fresh is not None else _run_block(block, inputs, device, keep=True, store=store, consume=True)
             for out in outputs:

@@ -1,7 +1,8 @@
 """Statistics of the inputs a layer sees: ``X^T X``, per-channel sums of squares, absolute maxima.
 
-Sums are kept raw (with the token count), accumulated per batch in float32 and summed in
-float64, so batches of any size weigh by their tokens, and distributed ranks can add their sums.
+Sums are kept raw (with the token count), accumulated in float32 for a few batches at a time and
+summed in float64, so batches of any size weigh by their tokens, and distributed ranks can add
+their sums.
 Padding positions (attention mask 0) are left out.
 """
 
@@ -18,6 +19,8 @@ from ..errors import CalibrationError
 __all__ = ["STAT_KINDS", "InputStats", "layer_input", "input_width"]
 
 STAT_KINDS = frozenset({"xtx", "sqsum", "absmax"})
+_PART_MAX_WIDTH = 2048  # a float32 [in, in] partial sum of at most 16 MiB
+_FOLD_EVERY = 64  # batches summed in float32 before they join the float64 total
 
 
 def input_width(module: nn.Module) -> int:
@@ -67,7 +70,13 @@ class InputStats:
         if unknown:
             raise CalibrationError(f"statistic kinds must be among {sorted(STAT_KINDS)} (got {sorted(unknown)})")
         self.n = 0
-        self.xtx = torch.zeros(width, width, dtype=torch.float64, device=device) if "xtx" in kinds else None
+        self._xtx = torch.zeros(width, width, dtype=torch.float64, device=device) if "xtx" in kinds else None
+        # Up to _FOLD_EVERY batches of X^T X are added in place into a float32 matrix (addmm_
+        # runs ~2.5x faster than a fresh product at 512 tokens), then folded into the float64
+        # sum. Only for widths whose float32 matrix is small; wider layers take slices instead.
+        self._part = (torch.zeros(width, width, dtype=torch.float32, device=device)
+                      if "xtx" in kinds and width <= _PART_MAX_WIDTH else None)
+        self._parts = 0
         self.sqsum = torch.zeros(width, dtype=torch.float64, device=device) if "sqsum" in kinds else None
         self.absmax = torch.zeros(width, dtype=torch.float32, device=device) if "absmax" in kinds else None
 
@@ -75,16 +84,33 @@ class InputStats:
         """Add input rows ``[tokens, in]``."""
         x = rows.detach().float()
         self.n += x.shape[0]
-        if self.xtx is not None:
+        if self._part is not None:
+            self._part.addmm_(x.T, x)
+            self._parts += 1
+            if self._parts >= _FOLD_EVERY:
+                self._fold()
+        elif self._xtx is not None:
             # float32 products, float64 running sum; a slice of rows at a time, so the float32
             # temporary stays ~16 MiB instead of a second [in, in] matrix (127 MiB at 5632 wide)
             step = max(256, (1 << 22) // max(x.shape[1], 1))
             for i in range(0, x.shape[1], step):
-                self.xtx[i:i + step].add_(x[:, i:i + step].T @ x)
+                self._xtx[i:i + step].add_(x[:, i:i + step].T @ x)
         if self.sqsum is not None:
             self.sqsum.add_(x.square().sum(0))
         if self.absmax is not None and x.shape[0]:
             torch.maximum(self.absmax, x.abs().amax(0), out=self.absmax)
+
+    def _fold(self) -> None:
+        if self._part is not None and self._parts:
+            self._xtx.add_(self._part)  # type: ignore[union-attr]
+            self._part.zero_()
+            self._parts = 0
+
+    @property
+    def xtx(self) -> torch.Tensor | None:
+        """``sum x x^T`` over every row added, float64 ``[in, in]``, or ``None``."""
+        self._fold()
+        return self._xtx
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The statistics held, by kind."""
