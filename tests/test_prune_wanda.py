@@ -1,4 +1,4 @@
-"""Wanda: masks equal a hand-computed |w| * ||x|| selection; OWL allocation; configuration errors."""
+"""Wanda: masks equal a hand-computed |w| * ||x|| selection; OWL allocation (Wanda and SparseGPT); configuration errors."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from torch import nn
 import llmslim as ls
 from llmslim import models
 from llmslim.errors import ConfigError
-from llmslim.prune import Magnitude, Wanda, get_mask, owl_sparsities
+from llmslim.prune import Magnitude, SparseGPT, Wanda, get_mask, owl_sparsities
 from llmslim.prune._owl import outlier_ratios
 from llmslim.prune.wanda import wanda_scores
 
@@ -156,9 +156,10 @@ def _llama_and_batches(layers: int = 4) -> tuple[nn.Module, list[dict[str, torch
     return model, batches
 
 
-def test_owl_prunes_blocks_with_more_outliers_less_and_keeps_the_mean() -> None:
+@pytest.mark.parametrize("cls", [Wanda, SparseGPT])
+def test_owl_prunes_blocks_with_more_outliers_less_and_keeps_the_mean(cls: type) -> None:
     model, batches = _llama_and_batches()
-    p = Wanda(sparsity=0.6, allocation="owl", owl_lambda=0.1, ignore=["lm_head"])
+    p = cls(sparsity=0.6, allocation="owl", owl_lambda=0.1, ignore=["lm_head"])
     ratios, block_of = outlier_ratios(model, ls.Context(batches, progress=False), p, lambda n, m, s: wanda_scores(m, s.channel_norms()), 5.0)
     report = ls.compress_(model, p, calibration=batches, progress=False)
     rows = report.children[0].rows
@@ -206,9 +207,11 @@ def test_an_earlier_mask_stays_and_counts() -> None:
         ({"pattern": "4:2"}, "pattern must be 'unstructured' or 'N:M'"),
     ],
 )
-def test_bad_configs_are_rejected(fields: dict, message: str) -> None:
-    with pytest.raises(ConfigError, match="wanda: " + message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
-        Wanda(**fields)
+@pytest.mark.parametrize("cls", [Wanda, SparseGPT])
+def test_bad_configs_are_rejected(cls: type, fields: dict, message: str) -> None:
+    label = cls().label
+    with pytest.raises(ConfigError, match=f"{label}: " + message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
+        cls(**fields)
 
 
 def test_owl_finalize_bakes_each_block_at_its_own_sparsity_without_a_schedule_note() -> None:

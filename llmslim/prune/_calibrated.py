@@ -10,16 +10,18 @@ everything after the scores.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
+import torch
 from torch import nn
 
 from .._context import Context
 from .._report import Report
 from .._targets import Target
-from .._validate import fail
-from ..calibration import CalibrationPass
+from .._validate import check_range, fail
+from ..calibration import CalibrationPass, InputStats
 from ._base import _DEFAULT_TARGETS, PruneBase
+from ._owl import allocate, wanda_scores
 
 __all__ = ["CalibratedPrune"]
 
@@ -36,15 +38,31 @@ class CalibratedPrune(CalibrationPass, PruneBase):
         sequential: Solve a block's layers one input group at a time (q/k/v, then o, then
             gate/up, then down), each group's statistics taken after the groups before it were
             pruned; costs one block forward per group.
+        allocation: ``"uniform"`` (every layer at ``sparsity``) or ``"owl"``: outlier-weighted
+            layer-wise sparsity (Yin et al., 2023): blocks whose Wanda scores ``|w| * ||x||``
+            hold more outliers prune less, the mean kept at ``sparsity`` (one extra read-only
+            sweep first). Unstructured only; ``max_layer_sparsity`` caps the block sparsities.
+        owl_lambda: OWL's spread: block sparsities span ``sparsity +- owl_lambda``, in [0, 0.5].
+        owl_m: OWL's outlier threshold: scores above ``owl_m`` times their block's mean, > 0.
 
     Raises:
         ConfigError: ``scope="global"`` (scores arrive one block at a time, each after the blocks
-            before it were pruned, so no single threshold can be drawn) or a ``schedule`` (these
-            passes prune once, in ``apply``).
+            before it were pruned, so no single threshold can be drawn), a ``schedule`` (these
+            passes prune once, in ``apply``), or ``allocation="owl"`` with an N:M pattern.
+
+    Example:
+        >>> from llmslim.prune import SparseGPT
+        >>> SparseGPT(pattern="2:4", allocation="owl")
+        Traceback (most recent call last):
+        ...
+        llmslim.errors.ConfigError: sparsegpt: allocation must be 'uniform' with an N:M pattern, which fixes every layer's sparsity (got 'owl')
     """
 
     targets: tuple[Target, ...] = _DEFAULT_TARGETS  # PruneBase's, not CalibrationPass's
     sequential: bool = False
+    allocation: Literal["uniform", "owl"] = "uniform"
+    owl_lambda: float = 0.08
+    owl_m: float = 5.0
 
     accepts = ("Linear", "Conv1D", "Conv2d")  # the engine's statistics cover these inputs
     strategy_overrides: ClassVar[dict[str, Any]] = {
@@ -53,6 +71,9 @@ class CalibratedPrune(CalibrationPass, PruneBase):
         "scope": ["layer", "row"],
         "schedule": [None],
         "max_layer_sparsity": [None],
+        "allocation": ["uniform", "uniform", "owl"],
+        "owl_lambda": {"min_value": 0.0, "max_value": 0.5},
+        "owl_m": {"min_value": 0.5, "max_value": 10.0},
     }
 
     def validate(self) -> None:
@@ -61,9 +82,39 @@ class CalibratedPrune(CalibrationPass, PruneBase):
             fail(self.label, "scope", "'layer' or 'row' (calibrated scores arrive one block at a time)", self.scope)
         if self.schedule is not None:
             fail(self.label, "schedule", "None (calibration passes prune once, in apply)", self.schedule)
+        check_range(self.label, "owl_lambda", self.owl_lambda, 0.0, 0.5)
+        check_range(self.label, "owl_m", self.owl_m, 0.0, None, lo_open=True)
+        if self.allocation == "owl" and self.n_m is not None:
+            fail(self.label, "allocation", "'uniform' with an N:M pattern, which fixes every layer's sparsity", self.allocation)
+
+    def declares(self) -> dict[str, Any]:
+        if self.allocation == "owl":  # sparsity varies by block; the mean is the target
+            return {}
+        return super().declares()
+
+    def sweep_key(self) -> tuple[Any, ...]:
+        # OWL needs a sweep of its own first, so it cannot join a shared one
+        return (*super().sweep_key(), id(self)) if self.allocation == "owl" else super().sweep_key()
+
+    def allocated_sparsity(self, name: str, ctx: Context) -> float:
+        """The sparsity of module ``name`` in this sweep: its block's under OWL, else the target."""
+        return getattr(self, "_allocated", {}).get(name, self.sparsity_at(ctx.step))
 
     def apply(self, model: nn.Module, ctx: Context) -> Report:
-        """Run the calibration sweep (``solve`` per target); an N:M row length that does not split
-        fails here, before the first block runs."""
+        """Run the calibration sweep (``solve`` per target); with OWL, measure outliers first. An
+        N:M row length that does not split fails here, before the first block runs."""
         self._check_groups(self.select(model))
-        return super().apply(model, ctx)
+        if self.allocation != "owl":
+            return super().apply(model, ctx)
+
+        def score(name: str, module: nn.Module, stats: InputStats) -> torch.Tensor:
+            return wanda_scores(module, stats.channel_norms())
+
+        allocated, note = allocate(model, ctx, self, score, target=self.sparsity_at(ctx.step), lam=self.owl_lambda,
+                                   m=self.owl_m, cap=self.max_layer_sparsity)
+        self._allocated = allocated  # read by allocated_sparsity(); not configuration, so not a field
+        try:
+            report = super().apply(model, ctx)
+        finally:
+            del self._allocated
+        return dataclasses.replace(report, notes=(*report.notes, note))

@@ -18,10 +18,26 @@ from torch import nn
 
 from .._context import Context
 from ..calibration import InputStats, calibrate
+from ._mask import from_rows, rows_view
 
-__all__ = ["owl_sparsities", "outlier_ratios"]
+__all__ = ["owl_sparsities", "outlier_ratios", "wanda_scores"]
 
 Scorer = Callable[[str, nn.Module, InputStats], torch.Tensor]
+
+
+def wanda_scores(module: nn.Module, norms: torch.Tensor) -> torch.Tensor:
+    """``|W| * ||X_j||`` shaped like ``module.weight``, from per-input-channel norms.
+
+    Example:
+        >>> layer = torch.nn.Linear(2, 1, bias=False)
+        >>> with torch.no_grad():
+        ...     _ = layer.weight.copy_(torch.tensor([[3.0, -1.0]]))
+        >>> wanda_scores(layer, torch.tensor([1.0, 10.0])).tolist()
+        [[3.0, 10.0]]
+    """
+    weight = module.weight.detach()
+    rows = rows_view(module, weight).abs().float() * norms.to(device=weight.device, dtype=torch.float32).unsqueeze(0)
+    return from_rows(module, rows, weight.shape)
 
 
 def owl_sparsities(ratios: Sequence[float], target: float, lam: float, cap: float = 1.0) -> list[float]:

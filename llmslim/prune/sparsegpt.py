@@ -48,7 +48,8 @@ class SparseGPT(CalibratedPrune):
     """Prune with OBS error compensation from the inputs' Hessian; unstructured or N:M.
 
     Fields are :class:`~llmslim.prune.CalibratedPrune`'s (``sparsity``, ``pattern``,
-    ``remainder``, ``storage``, ``value_dtype``, ``blocks``, ``propagate``, ``sequential``), plus:
+    ``remainder``, ``storage``, ``value_dtype``, ``blocks``, ``propagate``, ``sequential``,
+    ``allocation``, ``owl_lambda``, ``owl_m``), plus:
 
     Args:
         scope: ``"layer"`` (the default, the paper's adaptive mask selection: each block of
@@ -133,7 +134,7 @@ class SparseGPT(CalibratedPrune):
     def solve(self, name: str, module: nn.Module, stats: InputStats, ctx: Context) -> ModuleRow:
         start, before = time.perf_counter(), self.measure(module)
         self._check_groups([(name, module)])
-        target = self.sparsity_at(ctx.step)
+        target = self.allocated_sparsity(name, ctx)
         weight = module.weight.detach()  # as the forward sees it: zero where already masked
         mask = get_mask(module)
         pruned = None if mask is None else ~rows_view(module, mask.mask)
