@@ -27,6 +27,7 @@ from ._mask import Mask, bake_, from_rows, get_mask, is_transposed, masked_modul
 from ._obs import ObsResult, QuantGrid, inverse_hessian_factor, obs_prune, relative_output_error
 from ._owl import owl_sparsities
 from ._patterns import global_counts, lowest_mask, nm_mask, parse_pattern, prune_count, row_mask, unstructured_mask
+from ._refit import refit_kept
 from ._schedule import SCHEDULES, Schedule, constant, cubic, linear
 from ._storage import SparseLinear, pack_bits, pack_ints, storage_bytes, unpack_bits, unpack_ints
 from .magnitude import Magnitude
@@ -67,6 +68,7 @@ __all__ = [
     "pack_ints",
     "parse_pattern",
     "prune_count",
+    "refit_kept",
     "register_importance",
     "relative_output_error",
     "row_mask",

@@ -92,6 +92,19 @@ def get_mask(module: nn.Module) -> Mask | None:
     return None
 
 
+def stored_weight(module: nn.Module) -> torch.Tensor:
+    """The tensor ``module``'s weight lives in: the parametrization's original when masked.
+
+    Example:
+        >>> layer = torch.nn.Linear(2, 2)
+        >>> stored_weight(layer) is layer.weight
+        True
+    """
+    if parametrize.is_parametrized(module, "weight"):
+        return module.parametrizations["weight"].original
+    return module.weight
+
+
 def _original(module: nn.Module) -> torch.Tensor:
     return module.parametrizations["weight"].original
 

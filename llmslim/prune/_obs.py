@@ -34,6 +34,7 @@ import torch
 from ..errors import CalibrationError, ConfigError
 from ..quant._functional import code_range, quant_params
 from ._patterns import lowest_mask, nm_mask, prune_count, row_mask
+from ._refit import refit_kept
 
 __all__ = ["ObsResult", "QuantGrid", "inverse_hessian_factor", "obs_prune", "relative_output_error"]
 
@@ -159,6 +160,7 @@ def obs_prune(
     remainder: str = "error",
     pruned: torch.Tensor | None = None,
     quant: QuantGrid | None = None,
+    refit: int = 0,
 ) -> ObsResult:
     """Prune rows ``weight`` ``[out, in]`` with OBS updates from ``hessian`` ``[in, in]`` (SparseGPT).
 
@@ -177,6 +179,9 @@ def obs_prune(
             and count towards the share of their block.
         quant: Also quantize the kept weights to this grid, with the same error feedback (see
             module docs); the result then carries ``codes``, ``scale`` and ``zero``.
+        refit: Conjugate-gradient iterations re-fitting the kept weights to the dense outputs
+            once the mask is final (:func:`~llmslim.prune.refit_kept`); 0 keeps the sweep's
+            weights. Not with ``quant``.
 
     Returns:
         An :class:`ObsResult`. Inputs that never fired (zero Hessian diagonal) are pruned first:
@@ -221,7 +226,11 @@ def obs_prune(
         _solve_block(w, u, keep, forced, i1, i2, sparsity=sparsity, n_m=n_m, full=full, scope=scope)
     w[~keep] = 0.0
     if quant is None:
+        if refit:
+            w = refit_kept(original, w, keep, _fixed(hessian), damping=used, iterations=refit)
         return ObsResult(w, keep, used, tries, int(dead.sum()), relative_output_error(original, w, hessian))
+    if refit:
+        raise ConfigError(f"obs_prune: refit must be 0 with a quantization grid (got {refit})")
     scale, zero = quant_params(w, bits=quant.bits, group_size=quant.group_size, symmetric=quant.symmetric,
                                scale_dtype=quant.scale_dtype)
     grid = _Grid(quant, scale, zero, w.shape)

@@ -20,7 +20,6 @@ from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
 from .._context import Context
 from .._report import ModuleRow
@@ -30,17 +29,10 @@ from ..calibration import InputStats
 from ..errors import CalibrationError
 from ..quant._linear import SCALE_DTYPES
 from ._calibrated import CalibratedPrune
-from ._mask import from_rows, get_mask, rows_view, set_mask_
+from ._mask import from_rows, get_mask, rows_view, set_mask_, stored_weight
 from ._obs import ObsResult, QuantGrid, obs_prune
 
 __all__ = ["SparseGPT"]
-
-
-def _stored_weight(module: nn.Module) -> torch.Tensor:
-    # The tensor the weight lives in: the parametrization's original when the module is masked
-    if parametrize.is_parametrized(module, "weight"):
-        return module.parametrizations["weight"].original
-    return module.weight
 
 
 @dataclasses.dataclass
@@ -113,6 +105,8 @@ class SparseGPT(CalibratedPrune):
             fail(self.label, "group_size", "a positive integer or None", self.group_size)
         if self.bits is not None and self.value_dtype is not None:
             fail(self.label, "value_dtype", "None with bits set (the stored values are codes)", self.value_dtype)
+        if self.bits is not None and self.refit:
+            fail(self.label, "refit", "0 with bits set (the joint sweep fixes the kept weights)", self.refit)
 
     # With bits set the pass also packs the weights it pruned: later pruning passes are refused,
     # and only linear layers (what QuantLinear holds) can be targets.
@@ -141,7 +135,7 @@ class SparseGPT(CalibratedPrune):
         try:
             out = obs_prune(rows_view(module, weight), stats.hessian().to(weight.device), sparsity=target, n_m=self.n_m,
                             scope=self.scope, block_size=self.block_size, damping=self.damping,
-                            remainder=self.remainder, pruned=pruned, quant=self._grid())
+                            remainder=self.remainder, pruned=pruned, quant=self._grid(), refit=self.refit)
         except CalibrationError as exc:
             raise CalibrationError(f"{self.label}: module {name!r}: {exc}") from exc
         if self.bits is not None:
@@ -149,12 +143,13 @@ class SparseGPT(CalibratedPrune):
         # SparseGPT picks its mask inside the solve, block by block, so it hands over the mask
         # itself (set_mask_) rather than scores: the compensated weights go into the stored
         # original, then the mask holds the pruned ones at exactly zero.
-        stored = _stored_weight(module)
+        stored = stored_weight(module)
         with torch.no_grad():
             stored.copy_(from_rows(module, out.weight, weight.shape).to(stored.dtype))
         set_mask_(module, from_rows(module, out.keep, weight.shape), target, name)
         info = self._info(module, target, get_mask(module).mask)  # type: ignore[union-attr]
-        info.update(block_size=self.block_size, damping=out.damping, cholesky_retries=out.retries, dead_inputs=out.dead)
+        info.update(block_size=self.block_size, damping=out.damping, cholesky_retries=out.retries, dead_inputs=out.dead,
+                    refit=self.refit)
         return self.row(name, module, before, started=start, error=out.error, **info)
 
     def _grid(self) -> QuantGrid | None:

@@ -18,9 +18,13 @@ from torch import nn
 
 from .._context import Context
 from .._report import ModuleRow
+from .._validate import check_range
 from ..calibration import InputStats
 from ._calibrated import CalibratedPrune
+from ._mask import from_rows, get_mask, rows_view, stored_weight
+from ._obs import relative_output_error
 from ._owl import wanda_scores
+from ._refit import refit_kept
 
 __all__ = ["Wanda", "wanda_scores"]
 
@@ -43,9 +47,11 @@ class Wanda(CalibratedPrune):
             ``benchmarks/prune_quality.py``'s ablation).
 
     ``allocation="owl"`` (:class:`~llmslim.prune.CalibratedPrune`) gives blocks whose scores hold
-    more outliers a lower sparsity. Report rows give ``target_sparsity``
-    (the block's under OWL) and ``achieved_sparsity``; ``error`` is left empty (it would need
-    ``X^T X``, which Wanda does not collect).
+    more outliers a lower sparsity; ``refit`` re-fits the kept weights to the dense outputs (then
+    ``damping``, the fraction of ``X^T X``'s mean diagonal added to it, in [0, 100], applies, and
+    rows report ``error``). Report rows give ``target_sparsity``
+    (the block's under OWL) and ``achieved_sparsity``; without ``refit``, ``error`` is left empty
+    (it would need ``X^T X``, which Wanda then does not collect).
 
     Example:
         >>> import torch
@@ -65,17 +71,34 @@ class Wanda(CalibratedPrune):
 
     scope: Literal["layer", "row", "global"] = "row"
     propagate: Literal["compressed", "original"] = "original"
+    damping: float = 0.01
 
     strategy_overrides: ClassVar[dict[str, Any]] = {
         **CalibratedPrune.strategy_overrides,
         "max_layer_sparsity": [None, None, 1.0, 0.99],
     }
 
+    def validate(self) -> None:
+        super().validate()
+        check_range(self.label, "damping", self.damping, 0.0, 100.0)
+
     def statistics(self, name: str, module: nn.Module) -> set[str]:
-        return {"sqsum"}
+        return {"sqsum", "xtx"} if self.refit else {"sqsum"}
 
     def solve(self, name: str, module: nn.Module, stats: InputStats, ctx: Context) -> ModuleRow:
         start = time.perf_counter()
+        dense = rows_view(module, module.weight.detach()).float().clone() if self.refit else None
         row = self.mask_module_(name, module, ctx, wanda_scores(module, stats.channel_norms()),
                                 sparsity=self.allocated_sparsity(name, ctx))
+        if dense is not None:
+            # the mask stays; the kept weights move to the least-squares fit of the dense outputs
+            hessian = stats.hessian().to(dense.device)
+            keep = rows_view(module, get_mask(module).mask)  # type: ignore[union-attr]
+            shape = module.weight.shape
+            fitted = refit_kept(dense, dense * keep, keep, hessian, damping=self.damping, iterations=self.refit)
+            stored = stored_weight(module)
+            with torch.no_grad():
+                stored.copy_(from_rows(module, fitted, shape).to(stored.dtype))
+            row = dataclasses.replace(row, error=relative_output_error(dense, fitted, hessian),
+                                      info={**row.info, "refit": self.refit, "damping": self.damping})
         return dataclasses.replace(row, seconds=time.perf_counter() - start)
