@@ -1,7 +1,8 @@
 """Compressed checkpoints: size on disk, memory while loading onto a meta skeleton, save/load times.
 
-SmolLM2-135M quantized by ``rtn`` int4 g64 (the shipped defaults otherwise: ``lm_head`` stays
-float, tied to the embedding) is saved with ``llmslim.hf.save_pretrained``; then, in a fresh
+SmolLM2-135M quantized by ``gptq`` int4 g64 from ``--calibration`` windows of 512 tokens of the
+docs-text calibration split (the shipped defaults otherwise: ``lm_head`` stays float, tied to the
+embedding) is saved with ``llmslim.hf.save_pretrained``; then, in a fresh
 process, ``llmslim.hf.from_pretrained`` builds the ``transformers`` class on the ``meta`` device
 and loads the checkpoint into it. Memory is the peak RSS growth of that process above its RSS
 right after its imports (torch, transformers' LLaMA modeling code, llmslim, safetensors). The
@@ -159,6 +160,7 @@ def main() -> None:
     parser.add_argument("--part", choices=("all", "smollm2", "big"), default="all",
                         help="rerun one part only, keeping the other's figures from the last result file; --note then goes with that part")
     parser.add_argument("--quick", action="store_true", help="big part only: 2 blocks, 4 windows (writes checkpoint-quick.json)")
+    parser.add_argument("--calibration", type=int, default=32, help="SmolLM2 part: GPTQ calibration windows of 512 tokens")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--child-big-save", nargs=5, help=argparse.SUPPRESS)
     parser.add_argument("--child-big-load", nargs=3, help=argparse.SUPPRESS)
@@ -189,7 +191,7 @@ def main() -> None:
         print_table("checkpoint (1.1B streamed)", ["measure", "value"], [[k, v] for k, v in results.items() if k.startswith("big_")])
         print(f"wrote {write_result('checkpoint', settings, results, quick=args.quick)}")
         return
-    smollm2_results, smollm2_settings = smollm2(args.note)
+    smollm2_results, smollm2_settings = smollm2(args.note, args.calibration)
     if args.part == "all":
         bigger = big(**{k.removeprefix("big_"): v for k, v in big_settings.items()})
         smollm2_results.update(bigger)
@@ -202,19 +204,23 @@ def main() -> None:
     print(f"wrote {write_result('checkpoint', smollm2_settings, smollm2_results, quick=False)}")
 
 
-def smollm2(note: str) -> tuple[dict, dict]:
-    """SmolLM2 rtn int4 g64: save, load in a fresh process; figures and settings."""
+def smollm2(note: str, windows: int) -> tuple[dict, dict]:
+    """SmolLM2 gptq int4 g64: save, load in a fresh process; figures and settings."""
     import llmslim as ls
     from llmslim import data, evaluate, models
     from safetensors.torch import load_file, save_file
 
     model, tokenizer = models.load_smollm2(progress=False)
-    ls.compress_(model, ls.quant.RTN(bits=4, group_size=64), progress=False)
-    ids = data.split_tokens(tokenizer, protocol="default").evaluation[:256].view(1, -1)
+    split = data.split_tokens(tokenizer, protocol="default")
+    batches = data.calibration_batches(text=split.calibration, n_samples=windows, seq_len=512)
+    start = time.perf_counter()
+    ls.compress_(model, ls.quant.GPTQ(bits=4, group_size=64), calibration=batches, progress=False)
+    quantize_seconds = time.perf_counter() - start
+    ids = split.evaluation[:256].view(1, -1)
     tmp = Path(tempfile.mkdtemp(prefix="llmslim-ckpt-"))
     try:
         start = time.perf_counter()
-        folder = ls.hf.save_pretrained(model, None, tmp / "smollm2-rtn")
+        folder = ls.hf.save_pretrained(model, None, tmp / "smollm2-gptq")
         save_seconds = time.perf_counter() - start
         disk = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
         save_file({"ids": ids}, str(tmp / "ids.safetensors"))
@@ -230,10 +236,10 @@ def smollm2(note: str) -> tuple[dict, dict]:
         "model_bytes": mem, "checkpoint_bytes": disk, "disk_over_memory": disk / mem,
         "save_seconds": save_seconds, "load_seconds": loaded["load_seconds"],
         "load_peak_rss_growth_bytes": loaded["peak_rss_growth"], "growth_over_checkpoint": loaded["peak_rss_growth"] / disk,
-        "logits_bit_exact": exact,
+        "logits_bit_exact": exact, "quantize_seconds": quantize_seconds,
     }
-    settings = {"model": "SmolLM2-135M-Instruct", "method": "rtn bits=4 group_size=64 (lm_head float, tied)", "tokens": ids.numel(),
-                "note": note}
+    settings = {"model": "SmolLM2-135M-Instruct", "method": f"gptq bits=4 group_size=64, {windows} calibration windows of 512 "
+                "(lm_head float, tied)", "tokens": ids.numel(), "note": note}
     return results, settings
 
 
