@@ -3,8 +3,10 @@ written to the manifest's ``structure`` entry, replayed on a freshly built model
 
 A structural pass records on the model root (attribute :data:`ATTR`) the config values it changed
 and, per block list it shortened, which original blocks remain. At save time the manifest adds
-the shape of every plain ``nn.Linear`` and the integer attributes attention and MLP modules read
-at forward time (``num_key_value_groups``, ``layer_idx``, ``intermediate_size`` ...), so loading
+the shape of every plain ``nn.Linear``, the sizes of every other layer structured pruning can cut
+(transformers' ``Conv1D``, convolutions, batch norms: ``resized``), and the integer attributes
+attention and MLP modules read at forward time (``num_key_value_groups``, ``layer_idx``,
+``split_size``, ``intermediate_size`` ...), so loading
 into a model built from the *original* config, or from the saved (updated) config, both work:
 block lists are cut only when the skeleton still has the original length, and a ``Linear`` is
 rebuilt only where its shape differs.
@@ -23,7 +25,23 @@ __all__ = ["ATTR", "record_", "structure_of", "apply_structure_", "fresh_config_
 
 ATTR = "llmslim_structure"
 # module attributes that hold head counts, layer indices or widths read at forward time
-_INT_ATTRS = ("num_key_value_groups", "num_heads", "num_key_value_heads", "layer_idx", "intermediate_size")
+_INT_ATTRS = ("num_key_value_groups", "num_heads", "num_key_value_heads", "layer_idx", "intermediate_size",
+              "split_size", "num_attention_heads", "all_head_size")
+
+
+def _sliceable(module: nn.Module) -> Any:
+    from .prune.structured._slicing import sliceable  # the registry of layers structured pruning cuts
+
+    return sliceable(module)
+
+
+def _resized(model: nn.Module) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for name, m in model.named_modules():
+        spec = None if type(m) is nn.Linear else _sliceable(m)
+        if spec is not None:
+            out[name] = {"type": type(m).__name__, **spec.sizes(m)}
+    return out
 
 
 def fresh_config_(model: nn.Module) -> Any:
@@ -67,21 +85,28 @@ def structure_of(model: nn.Module) -> dict[str, Any] | None:
         found = {a: v for a in _INT_ATTRS if isinstance(v := vars(module).get(a), int) and not isinstance(v, bool)}
         if found:
             attributes[name] = found
-    return {"config": copy.deepcopy(rec["config"]), "layers": copy.deepcopy(rec["layers"]), "linear": linear, "attributes": attributes}
+    out = {"config": copy.deepcopy(rec["config"]), "layers": copy.deepcopy(rec["layers"]), "linear": linear, "attributes": attributes}
+    resized = _resized(model)
+    if resized:
+        out["resized"] = resized
+    return out
 
 
 def check_structure(data: Any, where: Any) -> None:
     """Raise ``CheckpointError`` unless ``data`` is ``None`` or a well-formed ``structure`` entry."""
     if data is None:
         return
-    ok = isinstance(data, dict) and set(data) <= {"config", "layers", "linear", "attributes"}
+    ok = isinstance(data, dict) and set(data) <= {"config", "layers", "linear", "attributes", "resized"}
     ok = ok and isinstance(data.get("config", {}), dict) and isinstance(data.get("layers", {}), dict)
     ok = ok and all(isinstance(v, dict) and isinstance(v.get("of"), int) and isinstance(v.get("kept"), list)
                     and all(isinstance(i, int) and 0 <= i < v["of"] for i in v["kept"]) for v in data.get("layers", {}).values())
     ok = ok and all(isinstance(v, list) and len(v) == 3 and all(isinstance(x, int) for x in v) for v in data.get("linear", {}).values())
     ok = ok and all(isinstance(v, dict) and all(isinstance(x, int) for x in v.values()) for v in data.get("attributes", {}).values())
+    ok = ok and isinstance(data.get("resized", {}), dict) and all(
+        isinstance(v, dict) and isinstance(v.get("type"), str) and all(isinstance(x, int) for k, x in v.items() if k != "type")
+        for v in data.get("resized", {}).values())
     if not ok:
-        raise CheckpointError(f"{where}: malformed manifest: 'structure' must be null or hold config, layers, linear, attributes")
+        raise CheckpointError(f"{where}: malformed manifest: 'structure' must be null or hold config, layers, linear, attributes, resized")
 
 
 def _module(model: nn.Module, name: str) -> nn.Module:
@@ -118,6 +143,15 @@ def apply_structure_(model: nn.Module, data: dict[str, Any] | None) -> None:
             new = nn.Linear(fan_in, fan_out, bias=bool(bias), device=old.weight.device, dtype=old.weight.dtype)
             parent, _, child = name.rpartition(".")
             setattr(_module(model, parent) if parent else model, child, new)
+    for name, entry in data.get("resized", {}).items():
+        old = _module(model, name)
+        spec = _sliceable(old)
+        if spec is None or type(old).__name__ != entry["type"]:
+            raise CheckpointError(f"the manifest's structure gives {name!r} the sizes of a {entry['type']}, but the model's module is a {type(old).__name__}")
+        sizes = {k: v for k, v in entry.items() if k != "type"}
+        if spec.sizes(old) != sizes:
+            parent, _, child = name.rpartition(".")
+            setattr(_module(model, parent) if parent else model, child, spec.resize(old, sizes).train(old.training))
     for name, attrs in data.get("attributes", {}).items():
         module = _module(model, name)
         for key, value in attrs.items():

@@ -20,6 +20,7 @@ __all__ = [
     "LlmslimError",
     "ConfigError",
     "TargetError",
+    "TraceError",
     "RegistryError",
     "OrderError",
     "PassError",
@@ -40,6 +41,30 @@ class ConfigError(LlmslimError, ValueError):
 
 class TargetError(LlmslimError, LookupError):
     """A module selection (``targets``/``ignore``) matched nothing or is malformed."""
+
+
+class TraceError(TargetError):
+    """The generic structured-pruning tracer cannot prove that cutting a model's channels is safe.
+
+    A :class:`TargetError` (the pass does not apply to this model); raised before anything changes.
+
+    Attributes:
+        model: Class name of the model.
+        problems: ``(where, why)`` for every place found: a module's qualified name or a graph
+            node, and the reason (an operation it cannot map channels through, a grouped
+            convolution, a flatten it cannot map exactly ...).
+    """
+
+    def __init__(self, model: str, problems: Sequence[tuple[str, str]], hint: str = "") -> None:
+        self.model = model
+        self.problems = tuple((str(w), str(y)) for w, y in problems)
+        shown = "; ".join(f"{w}: {y}" for w, y in self.problems[:6])
+        more = f"; and {len(self.problems) - 6} more" if len(self.problems) > 6 else ""
+        self.hint = hint
+        super().__init__(f"cannot prune the channels of {model} safely: {shown}{more}{hint}")
+
+    def __reduce__(self):  # picklable: rebuilt from its parts
+        return (TraceError, (self.model, self.problems, self.hint))
 
 
 class RegistryError(LlmslimError, LookupError):

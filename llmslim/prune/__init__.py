@@ -14,7 +14,8 @@
 * How to store: :class:`SparseLinear` keeps a bitmask or N:M indices plus the non-zero values.
 * Structured (:mod:`llmslim.prune.structured`): :class:`Channels` (``"channels"``),
   :class:`Heads` (``"heads"``) and :class:`Layers` (``"layers"``) physically remove MLP
-  channels, attention heads and blocks of LLaMA-family decoders; docs/structured.md.
+  channels, attention heads and blocks of LLaMA-family, OPT, GPT-2 and BERT models, and
+  ``channels`` the coupled channels a ``torch.fx`` tracer finds in other models; docs/structured.md.
 
 See docs/pruning.md.
 """

@@ -32,7 +32,7 @@ def order(scores: torch.Tensor) -> list[int]:
 
 @dataclasses.dataclass
 class StructuredBase(PassBase):
-    """Base of passes that physically remove coupled units from LLaMA-family decoders.
+    """Base of passes that physically remove coupled units from transformer blocks (see :class:`Layout`).
 
     Args:
         targets: Which blocks to prune, by qualified name (default every block: ``"*"``);

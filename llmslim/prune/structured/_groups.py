@@ -1,30 +1,31 @@
-"""What is coupled: dependency groups of parameter slices, with exact rules for LLaMA-family decoders.
+"""What is coupled: dependency groups of weight slices, with exact rules for Hugging Face blocks.
 
 A :class:`Group` is one prunable unit (an MLP channel, a query head, a key/value group with its
-query heads, a whole block) as the slices of ``nn.Linear`` weights that must go together. The
-rules here cover Hugging Face decoders whose blocks hold ``self_attn.{q,k,v,o}_proj`` and
-``mlp.{gate,up,down}_proj`` (LLaMA, Qwen2, Mistral and their relatives).
+query heads, a whole block, or a channel the generic tracer found) as the slices of layer weights
+that must go together. Slices index the layer's *logical* ``[out, in]`` matrix (see
+:mod:`._slicing`), so a GPT-2 ``Conv1D`` (stored ``[in, out]``) or a convolution reads the same.
+:func:`decoder` finds a model's blocks and the :class:`~._layouts.Layout` that describes them.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Literal
 
 from torch import nn
 
 from ...calibration import find_blocks
 from ...errors import TargetError
+from ._layouts import LLAMA, Layout, layouts
+from ._slicing import sliceable
 
 __all__ = ["Slice", "Group", "Decoder", "decoder", "channel_groups", "head_groups", "kv_groups", "block_groups"]
-
-_ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
-_MLP = ("gate_proj", "up_proj", "down_proj")
 
 
 @dataclasses.dataclass(frozen=True)
 class Slice:
-    """Rows (``dim=0``: outputs, with the bias) or columns (``dim=1``: inputs) ``[start, stop)`` of a Linear's weight."""
+    """Logical rows (``dim=0``: outputs, with the bias) or columns (``dim=1``: inputs) ``[start, stop)`` of a layer."""
 
     module: str
     dim: int
@@ -37,9 +38,11 @@ class Group:
     """Coupled slices removed together.
 
     Attributes:
-        kind: ``"channel"`` (MLP intermediate channel), ``"head"`` (query head), ``"kv"`` (a
-            key/value head with the query heads that read it) or ``"block"`` (a whole block).
-        layer: Index of the block in the model's block list.
+        kind: ``"channel"`` (an MLP intermediate channel, or a channel of a traced graph),
+            ``"head"`` (query head), ``"kv"`` (a key/value head with the query heads that read
+            it) or ``"block"`` (a whole block).
+        layer: Index of the block in the model's block list (for traced channels: the index of
+            the coupled channel set, see :func:`~llmslim.prune.structured.trace`).
         index: The unit within its block (channel, query head or kv group number; the block's
             own index for ``"block"``).
         slices: The coupled weight slices.
@@ -51,110 +54,174 @@ class Group:
     slices: tuple[Slice, ...]
 
 
+def _attr(module: nn.Module, path: str) -> object:
+    return functools.reduce(getattr, path.split("."), module)
+
+
 @dataclasses.dataclass(frozen=True)
 class Decoder:
-    """A supported decoder: its block list, and per block its attention and MLP geometry."""
+    """A supported stack of transformer blocks: the block list and the layout of each block."""
 
     container: str  # qualified name of the block list, e.g. "model.layers"
     blocks: tuple[tuple[str, nn.Module], ...]
+    layout: Layout = LLAMA
+
+    def name(self, i: int, rel: str) -> str:
+        """Qualified name of the module at ``rel`` (relative to block ``i``; ``""``: the block)."""
+        block = self.blocks[i][0]
+        return f"{block}.{rel}" if rel else block
+
+    def module(self, i: int, rel: str) -> nn.Module:
+        """The module at ``rel`` in block ``i``."""
+        return self.blocks[i][1].get_submodule(rel)
 
     def attn(self, i: int) -> tuple[str, nn.Module]:
-        name, block = self.blocks[i]
-        return f"{name}.self_attn", block.self_attn
+        """Name and module of block ``i``'s attention.
+
+        Raises:
+            TargetError: The layout has no attention rules.
+        """
+        if self.layout.attn is None:
+            raise TargetError(f"layout {self.layout.name!r} has no attention rules: heads cannot be pruned")
+        return self.name(i, self.layout.attn), self.module(i, self.layout.attn)
 
     def mlp(self, i: int) -> tuple[str, nn.Module]:
-        name, block = self.blocks[i]
-        return f"{name}.mlp", block.mlp
+        """Name and module reported as block ``i``'s MLP (for OPT and BERT: the block)."""
+        return self.name(i, self.layout.mlp), self.module(i, self.layout.mlp)
+
+    def mlp_width(self, i: int) -> int:
+        """Intermediate channels of block ``i``'s MLP."""
+        down = self.module(i, self.layout.mlp_out[0])
+        return sliceable(down).width(down, 1)  # type: ignore[union-attr]
 
     def heads(self, i: int) -> tuple[int, int, int]:
         """``(query heads, key/value heads, head_dim)`` of block ``i``."""
-        attn = self.blocks[i][1].self_attn
-        d = int(attn.head_dim)
-        return attn.q_proj.out_features // d, attn.k_proj.out_features // d, d
+        _, attn = self.attn(i)
+        d = int(_attr(attn, self.layout.head_dim))  # type: ignore[call-overload]
+        q, k = self.module(i, self.layout.q), self.module(i, self.layout.k)
+        wq, wk = sliceable(q).width(q, 0), sliceable(k).width(k, 0)  # type: ignore[union-attr]
+        if self.layout.fused:
+            wq = wk = wq // 3
+        return wq // d, wk // d, d
+
+    def offsets(self, i: int) -> tuple[int, int, int]:
+        """First logical row of the query, key and value outputs in their layers (fused: q | k | v)."""
+        if not self.layout.fused:
+            return 0, 0, 0
+        nq, nkv, d = self.heads(i)
+        return 0, nq * d, (nq + nkv) * d
 
 
-def _why_not(block: nn.Module) -> str | None:
-    attn, mlp = getattr(block, "self_attn", None), getattr(block, "mlp", None)
-    if attn is None or mlp is None:
-        return "its blocks have no self_attn and mlp"
-    for owner, names, label in ((attn, _ATTN, "self_attn"), (mlp, _MLP, "mlp")):
-        for n in names:
-            m = getattr(owner, n, None)
-            if type(m) is not nn.Linear:
-                kind = "missing" if m is None else f"a {type(m).__name__}"
-                return f"{label}.{n} is {kind}, not a plain nn.Linear (prune structure before quantizing or masking)"
-    if not isinstance(getattr(attn, "head_dim", None), int) or not isinstance(getattr(attn, "num_key_value_groups", None), int):
-        return "self_attn has no integer head_dim and num_key_value_groups"
-    return None
+def _why_not(block: nn.Module, layout: Layout) -> str | None:
+    for rel in layout.names():
+        m = block.get_submodule(rel)
+        spec = sliceable(m)
+        if spec is None or spec.kind_of(m) != "matrix":
+            return f"{rel} is a {type(m).__name__}, not a plain nn.Linear or Conv1D (prune structure before quantizing or masking)"
+    if layout.attn is not None:
+        try:
+            d = _attr(block.get_submodule(layout.attn), layout.head_dim)
+        except AttributeError:
+            d = None
+        if not isinstance(d, int):
+            return f"{layout.attn} has no integer {layout.head_dim}"
+    return layout.check(block)
+
+
+def _matches(block: nn.Module, layout: Layout) -> bool:
+    try:
+        for rel in (*layout.names(), *([layout.attn] if layout.attn else []), layout.mlp):
+            block.get_submodule(rel)
+    except AttributeError:
+        return False
+    return True
+
+
+def find_layout(model: nn.Module) -> tuple[list[tuple[str, nn.Module]], Layout | None]:
+    """The model's blocks and the first registered layout whose names they all have (or ``None``)."""
+    blocks = find_blocks(model)
+    if not blocks or not blocks[0][0]:
+        return [], None
+    for layout in layouts():
+        if all(_matches(b, layout) for _, b in blocks):
+            return blocks, layout
+    return blocks, None
 
 
 def decoder(model: nn.Module) -> Decoder:
-    """The model's decoder blocks, when the built-in rules cover it.
+    """The model's transformer blocks, when a registered layout covers them.
 
     Raises:
-        TargetError: Not a LLaMA-family decoder (GPT-2, OPT, BERT and others are not supported
-            yet), or its layers are already quantized or masked.
+        TargetError: No layout matches (not LLaMA/Qwen2/Mistral, OPT, GPT-2, BERT or a layout
+            you registered), or its layers are already quantized or masked.
 
     Example:
         >>> from llmslim import models
         >>> d = decoder(models.tiny("llama"))
-        >>> d.container, len(d.blocks), d.heads(0)
-        ('model.layers', 2, (4, 2, 16))
+        >>> d.container, len(d.blocks), d.heads(0), d.layout.name
+        ('model.layers', 2, (4, 2, 16), 'llama')
+        >>> g = decoder(models.tiny("gpt2"))
+        >>> g.container, g.heads(0), g.offsets(0), g.mlp_width(0)
+        ('transformer.h', (4, 4, 16), (0, 64, 128), 128)
     """
-    blocks = find_blocks(model)
-    if blocks and blocks[0][0]:
-        why = _why_not(blocks[0][1]) if len(blocks) else "it has no blocks"
+    blocks, layout = find_layout(model)
+    why = None
+    if layout is not None:
+        for _, b in blocks:
+            why = why or _why_not(b, layout)
         if why is None:
-            for _, b in blocks[1:]:
-                why = why or _why_not(b)
-        if why is None:
-            container = blocks[0][0].rpartition(".")[0]
-            return Decoder(container, tuple(blocks))
+            return Decoder(blocks[0][0].rpartition(".")[0], tuple(blocks), layout)
     else:
-        why = "it has no list of repeated blocks"
-    raise TargetError(
-        f"structured pruning supports LLaMA-family decoders (self_attn.q/k/v/o_proj, mlp.gate/up/down_proj), "
-        f"not {type(model).__name__}: {why}"
-    )
+        why = "it has no list of repeated blocks" if not blocks else "no layout matches its blocks"
+    known = ", ".join(layout.name for layout in layouts())
+    raise TargetError(f"structured pruning of heads and blocks covers the layouts {known} (see register_layout), "
+                      f"not {type(model).__name__}: {why}")
 
 
 def channel_groups(dec: Decoder, i: int) -> list[Group]:
-    """MLP channel ``j`` of block ``i``: row ``j`` of gate and up, column ``j`` of down."""
-    name, mlp = dec.mlp(i)
+    """MLP channel ``j`` of block ``i``: row ``j`` of each ``mlp_in`` layer, column ``j`` of each ``mlp_out`` layer."""
+    ins = [dec.name(i, r) for r in dec.layout.mlp_in]
+    outs = [dec.name(i, r) for r in dec.layout.mlp_out]
     return [
-        Group("channel", i, j, (Slice(f"{name}.gate_proj", 0, j, j + 1), Slice(f"{name}.up_proj", 0, j, j + 1),
-                                Slice(f"{name}.down_proj", 1, j, j + 1)))
-        for j in range(mlp.down_proj.in_features)
+        Group("channel", i, j, (*(Slice(n, 0, j, j + 1) for n in ins), *(Slice(n, 1, j, j + 1) for n in outs)))
+        for j in range(dec.mlp_width(i))
     ]
 
 
-def _q(name: str, h: int, d: int) -> tuple[Slice, Slice]:
-    return Slice(f"{name}.q_proj", 0, h * d, (h + 1) * d), Slice(f"{name}.o_proj", 1, h * d, (h + 1) * d)
+def _q(dec: Decoder, i: int, h: int) -> tuple[Slice, Slice]:
+    d = dec.heads(i)[2]
+    return (Slice(dec.name(i, dec.layout.q), 0, h * d, (h + 1) * d),
+            Slice(dec.name(i, dec.layout.o), 1, h * d, (h + 1) * d))
 
 
 def head_groups(dec: Decoder, i: int) -> list[Group]:
     """Query head ``h`` of block ``i``: its rows of q, its columns of o."""
-    name, _ = dec.attn(i)
-    nq, _, d = dec.heads(i)
-    return [Group("head", i, h, _q(name, h, d)) for h in range(nq)]
+    nq = dec.heads(i)[0]
+    return [Group("head", i, h, _q(dec, i, h)) for h in range(nq)]
 
 
 def kv_groups(dec: Decoder, i: int) -> list[Group]:
-    """Key/value group ``g`` of block ``i``: its rows of k and v, and its query heads (grouped-query attention)."""
-    name, _ = dec.attn(i)
+    """Key/value group ``g`` of block ``i``: its rows of k and v, and its query heads (grouped-query
+    attention; with plain multi-head attention each group is one head with its key and value)."""
     nq, nkv, d = dec.heads(i)
+    _, ko, vo = dec.offsets(i)
+    k, v = dec.name(i, dec.layout.k), dec.name(i, dec.layout.v)
     per = nq // nkv
     return [
-        Group("kv", i, g, (Slice(f"{name}.k_proj", 0, g * d, (g + 1) * d), Slice(f"{name}.v_proj", 0, g * d, (g + 1) * d),
-                           *(s for h in range(g * per, (g + 1) * per) for s in _q(name, h, d))))
+        Group("kv", i, g, (Slice(k, 0, ko + g * d, ko + (g + 1) * d), Slice(v, 0, vo + g * d, vo + (g + 1) * d),
+                           *(s for h in range(g * per, (g + 1) * per) for s in _q(dec, i, h))))
         for g in range(nkv)
     ]
 
 
 def block_groups(dec: Decoder) -> list[Group]:
-    """Each whole block: every Linear weight in it."""
+    """Each whole block: every output row of every matrix layer in it."""
     groups = []
     for i, (name, block) in enumerate(dec.blocks):
-        slices = tuple(Slice(f"{name}.{n}", 0, 0, m.out_features) for n, m in block.named_modules() if type(m) is nn.Linear)
-        groups.append(Group("block", i, i, slices))
+        slices = []
+        for n, m in block.named_modules():
+            spec = sliceable(m)
+            if spec is not None and spec.kind_of(m) == "matrix":
+                slices.append(Slice(f"{name}.{n}", 0, 0, spec.width(m, 0)))
+        groups.append(Group("block", i, i, tuple(slices)))
     return groups

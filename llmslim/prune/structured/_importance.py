@@ -4,13 +4,16 @@ An importance is a function ``fn(groups, model, ctx) -> tensor`` giving one scor
 (higher is kept); it is registered by name with :func:`register_importance` and chosen by a
 pass's ``importance`` field. Built-ins:
 
-* ``"l1"``, ``"l2"``: the norm of the group's weight slices together;
+* ``"l1"``, ``"l2"``: the norm of the group's weight slices together (of the logical ``[out, in]``
+  matrices; batch-norm slices ride along unmeasured);
 * ``"activation"``: for the slices that are *inputs* of a projection (columns of ``down_proj``
   and ``o_proj``), ``sum_j ||X_j|| * ||W[:, j]||`` with ``||X_j||`` the calibration norm of input
   channel ``j`` (Wanda's score, summed over a structured group; needs calibration data);
 * ``"influence"``: for blocks, ``1 - cos(h_in, h_out)`` averaged over calibration tokens (a block
   that barely changes the hidden state matters least; needs calibration data);
-* ``"last"``: for blocks, later blocks score lower (the naive depth baseline).
+* ``"last"``: for blocks, later blocks score lower (the naive depth baseline);
+* ``"taylor"`` (in :mod:`._taylor`): ``|sum over the group of gradient x weight|``, the first-order
+  estimate of the loss change when the group is removed (needs calibration data).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from ...calibration import InputStats, calibrate
 from ...calibration._capture import first_tensor, token_mask, without_cache
 from ...errors import ConfigError, RegistryError
 from ._groups import Group
+from ._slicing import sliceable
 
 __all__ = ["Importance", "register_importance", "importance", "available_importances", "group_scores"]
 
@@ -130,10 +134,17 @@ def _slice_sums(groups: Sequence[Group], model: nn.Module, per_entry: Callable[[
     return out
 
 
+def _matrix(module: nn.Module, t: torch.Tensor) -> torch.Tensor | None:
+    spec = sliceable(module)
+    return None if spec is None else spec.matrix(module, t)
+
+
 def _magnitude(p: int) -> ScoreFn:
     def score(groups: Sequence[Group], model: nn.Module, ctx: Context) -> torch.Tensor:
-        def entry(name: str, module: nn.Module, dim: int) -> torch.Tensor:
-            w = module.weight.detach().float()
+        def entry(name: str, module: nn.Module, dim: int) -> torch.Tensor | None:
+            w = _matrix(module, module.weight.detach().float())
+            if w is None:
+                return None  # batch norm and the like ride along: no weight matrix to measure
             return (w.abs() if p == 1 else w.square()).sum(dim=1 - dim)
 
         sums = _slice_sums(groups, model, entry)
@@ -169,7 +180,7 @@ def _activation(groups: Sequence[Group], model: nn.Module, ctx: Context) -> torc
     def entry(name: str, module: nn.Module, dim: int) -> torch.Tensor | None:
         if dim != 1:
             return None  # output rows have no input statistic; the consumer's columns carry the score
-        return module.weight.detach().float().norm(dim=0).cpu() * solver.norms[name]
+        return _matrix(module, module.weight.detach().float()).norm(dim=0).cpu() * solver.norms[name]  # type: ignore[union-attr]
 
     return _slice_sums(groups, model, entry)
 

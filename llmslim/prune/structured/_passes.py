@@ -1,9 +1,8 @@
-"""The structural passes: ``channels`` (MLP width), ``heads`` (attention heads), ``layers`` (depth)."""
+"""The structural passes ``heads`` (attention heads) and ``layers`` (depth); ``channels`` is in :mod:`._channels`."""
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from typing import Any, ClassVar, Literal
 
@@ -15,96 +14,11 @@ from ..._report import ModuleRow, Report
 from ..._validate import check_range, fail
 from ...errors import TargetError
 from ._base import StructuredBase, order
-from ._cut import cut_attention_, cut_blocks_, cut_mlp_, mlp_config, update_config_
-from ._groups import block_groups, channel_groups, head_groups, kv_groups
+from ._channels import Channels, keep_count
+from ._cut import cut_attention_, cut_blocks_, update_config_
+from ._groups import Decoder, block_groups, head_groups, kv_groups
 
 __all__ = ["Channels", "Heads", "Layers", "keep_count"]
-
-
-def keep_count(width: int, ratio: float, round_to: int = 1) -> int:
-    """Units kept of ``width`` when pruning ``ratio``: at least one, rounded up to a multiple of ``round_to``.
-
-    Example:
-        >>> keep_count(1536, 0.25), keep_count(100, 0.25, round_to=16), keep_count(3, 0.9)
-        (1152, 80, 1)
-    """
-    keep = max(1, width - int(ratio * width + 1e-9))
-    return min(width, math.ceil(keep / round_to) * round_to)
-
-
-@dataclasses.dataclass
-class Channels(StructuredBase):
-    """Remove a share of each MLP's intermediate channels (rows of gate/up, columns of down).
-
-    Args:
-        ratio: Share of channels to remove, in [0, 1).
-        scope: ``"layer"`` (each block removes ``ratio``) or ``"global"`` (one ranking over all
-            targeted blocks, so widths differ; every block keeps at least ``round_to``).
-        round_to: Kept widths are multiples of this (rounded up), for kernel-friendly shapes.
-        importance: ``"l2"`` (default), ``"l1"``, ``"activation"`` (calibration) or a registered one.
-
-    Example:
-        >>> import torch
-        >>> import llmslim as ls
-        >>> from llmslim import models
-        >>> model = models.tiny("llama")
-        >>> report = ls.compress_(model, Channels(ratio=0.25, round_to=8), progress=False)
-        >>> model.config.intermediate_size, model.model.layers[0].mlp.down_proj.in_features
-        (96, 96)
-    """
-
-    ratio: float = 0.25
-    scope: Literal["layer", "global"] = "layer"
-    round_to: int = 1
-
-    group_kinds = ("channel",)
-    strategy_overrides: ClassVar[dict[str, Any]] = {
-        "ratio": {"min_value": 0.0, "max_value": 0.95},
-        "round_to": [1, 1, 2, 4, 8],
-        "importance": ["l2", "l1", "activation"],
-    }
-
-    def validate(self) -> None:
-        super().validate()
-        check_range(self.label, "ratio", self.ratio, 0.0, 1.0, hi_open=True)
-        if self.round_to < 1:
-            fail(self.label, "round_to", "an integer >= 1", self.round_to)
-
-    def _keeps(self, widths: list[int], scores: list[torch.Tensor]) -> list[list[int]]:
-        if self.scope == "layer":
-            return [sorted(order(s)[w - keep_count(w, self.ratio, self.round_to):]) for w, s in zip(widths, scores)]
-        flat = torch.cat(scores)
-        owner = [k for k, w in enumerate(widths) for _ in range(w)]
-        total = keep_count(sum(widths), self.ratio)
-        top = order(flat)[len(flat) - total:]
-        counts = [0] * len(widths)
-        for j in top:
-            counts[owner[j]] += 1
-        counts = [min(w, math.ceil(max(c, 1) / self.round_to) * self.round_to) for c, w in zip(counts, widths)]
-        return [sorted(order(s)[w - c:]) for w, c, s in zip(widths, counts, scores)]
-
-    def apply(self, model: nn.Module, ctx: Context) -> Report:
-        """Score every channel of the targeted blocks, then cut each block's MLP."""
-        dec, chosen = self.decoder(model)
-        groups = [channel_groups(dec, i) for i in chosen]
-        flat = self.scores([g for gs in groups for g in gs], model, ctx)
-        scores = list(torch.split(flat, [len(gs) for gs in groups]))
-        keeps = self._keeps([len(gs) for gs in groups], scores)
-        rows: list[ModuleRow] = []
-        for i, keep, s in zip(chosen, keeps, scores):
-            name, mlp = dec.mlp(i)
-            start, before, width = time.perf_counter(), self.measure(mlp), len(s)
-            removed = sorted(set(range(width)) - set(keep))
-            if removed:
-                with ctx.working_on(name, mlp, in_place=False):
-                    cut_mlp_(model, dec, i, torch.tensor(keep, dtype=torch.long))
-            rows.append(self.row(name, mlp, before, started=start, **self.info(removed, s, width_before=width, width_after=len(keep))))
-        changed = any(r.info["removed"] for r in rows)
-        if changed:
-            update_config_(model, mlp_config(model, dec))
-        kept = sum(r.info["width_after"] for r in rows)
-        total = sum(r.info["width_before"] for r in rows)
-        return self.report(rows, modified=changed, notes=(f"MLP channels: {kept:,} of {total:,} kept ({self.importance} importance)",))
 
 
 @dataclasses.dataclass
@@ -116,9 +30,12 @@ class Heads(StructuredBase):
     Args:
         ratio: Share to remove, in [0, 1): of the query heads of each kv group (``unit="query"``,
             rounded to whole heads, at least one kept per group) or of the kv groups
-            (``unit="kv"``, each with its query heads; at least one group kept).
+            (``unit="kv"``, each with its query heads; at least one group kept). With plain
+            multi-head attention (OPT, GPT-2, BERT, or as many kv heads as query heads) each
+            query head has its own key/value head, and goes with it.
         unit: ``"query"`` or ``"kv"``.
-        importance: ``"l2"`` (default), ``"l1"``, ``"activation"`` (calibration) or a registered one.
+        importance: ``"l2"`` (default), ``"l1"``, ``"activation"``, ``"taylor"`` (calibration)
+            or a registered one.
 
     Example:
         >>> import llmslim as ls
@@ -135,18 +52,24 @@ class Heads(StructuredBase):
     group_kinds = ("head", "kv")
     strategy_overrides: ClassVar[dict[str, Any]] = {
         "ratio": {"min_value": 0.0, "max_value": 0.95},
-        "importance": ["l2", "l1", "activation"],
+        "importance": ["l2", "l1", "activation", "taylor"],
     }
 
     def validate(self) -> None:
         super().validate()
         check_range(self.label, "ratio", self.ratio, 0.0, 1.0, hi_open=True)
 
+    def decoder(self, model: nn.Module) -> tuple[Decoder, list[int]]:
+        dec, chosen = super().decoder(model)
+        dec.attn(chosen[0])  # TargetError for a layout without attention rules
+        return dec, chosen
+
     def apply(self, model: nn.Module, ctx: Context) -> Report:
         """Score the heads (or kv groups) of the targeted blocks, then cut q/k/v/o of each."""
         dec, chosen = self.decoder(model)
-        make = head_groups if self.unit == "query" else kv_groups
-        groups = [make(dec, i) for i in chosen]
+        # plain multi-head attention (one query head per key/value head): a query head goes with its key and value
+        by_kv = {i: self.unit == "kv" or dec.heads(i)[0] == dec.heads(i)[1] for i in chosen}
+        groups = [kv_groups(dec, i) if by_kv[i] else head_groups(dec, i) for i in chosen]
         flat = self.scores([g for gs in groups for g in gs], model, ctx)
         scores = list(torch.split(flat, [len(gs) for gs in groups]))
         rows: list[ModuleRow] = []
@@ -155,7 +78,7 @@ class Heads(StructuredBase):
             nq, nkv, _ = dec.heads(i)
             per = nq // nkv
             start, before = time.perf_counter(), self.measure(attn)
-            if self.unit == "query":
+            if not by_kv[i]:
                 drop = min(per - 1, round(self.ratio * per))
                 removed = sorted(g * per + k for g in range(nkv) for k in order(s[g * per:(g + 1) * per])[:drop])
                 keep_kv = list(range(nkv))
@@ -178,21 +101,24 @@ class Heads(StructuredBase):
             notes = self._config(model, dec)
         return self.report(rows, modified=changed, notes=notes)
 
-    def _config(self, model: nn.Module, dec: Any) -> tuple[str, ...]:
+    def _config(self, model: nn.Module, dec: Decoder) -> tuple[str, ...]:
         counts = {dec.heads(i)[:2] for i in range(len(dec.blocks))}
         head_dim = dec.heads(0)[2]
         config = getattr(model, "config", None)
         hidden = getattr(config, "hidden_size", None)
-        if len(counts) == 1:
+        if len(counts) == 1 and dec.layout.config_heads:
             nq, nkv = next(iter(counts))
             if not isinstance(hidden, int) or hidden % nq == 0:
                 update_config_(model, {"num_attention_heads": nq, "num_key_value_heads": nkv, "head_dim": head_dim})
                 return ()
-        # blocks differ, or transformers would refuse the count (hidden_size % heads): the
-        # modules and the checkpoint manifest carry the shapes, the config lists them per block
+        # blocks differ, the config derives head_dim from the head count (OPT, GPT-2, BERT), or
+        # transformers would refuse the count (hidden_size % heads): the modules and the checkpoint
+        # manifest carry the shapes, the config keeps its counts and lists the new ones per block
         per = [dec.heads(i)[:2] for i in range(len(dec.blocks))]
-        update_config_(model, {"head_dim": head_dim, "num_attention_heads_per_layer": [p[0] for p in per],
-                               "num_key_value_heads_per_layer": [p[1] for p in per]})
+        changes: dict[str, Any] = {"num_attention_heads_per_layer": [p[0] for p in per], "num_key_value_heads_per_layer": [p[1] for p in per]}
+        if dec.layout.config_heads:
+            changes["head_dim"] = head_dim
+        update_config_(model, changes)
         return ("head counts kept in config.num_*_per_layer (the modules carry the shapes; reload with ls.load or llmslim.hf)",)
 
 
@@ -222,7 +148,7 @@ class Layers(StructuredBase):
     importance: str = "influence"
 
     group_kinds = ("block",)
-    strategy_overrides: ClassVar[dict[str, Any]] = {"n": [1, 1, 2], "importance": ["influence", "last"]}
+    strategy_overrides: ClassVar[dict[str, Any]] = {"n": [1, 1, 2], "importance": ["influence", "last", "taylor"]}
 
     def validate(self) -> None:
         super().validate()
@@ -237,6 +163,9 @@ class Layers(StructuredBase):
         if len(dec.blocks) <= self.n or len(chosen) < self.n:
             raise TargetError(f"pass {self.label!r}: removing {self.n} block(s) needs more than {self.n} blocks and "
                               f"at least {self.n} targeted (the model has {len(dec.blocks)}, {len(chosen)} targeted)")
+        if getattr(getattr(model, "config", None), "scale_attn_by_inverse_layer_idx", False):
+            # GPT-2 option: each block's attention scale depends on its index, which a rebuilt model recomputes
+            raise TargetError(f"pass {self.label!r}: blocks scaled by their index (scale_attn_by_inverse_layer_idx) cannot be renumbered")
         return dec, chosen
 
     def apply(self, model: nn.Module, ctx: Context) -> Report:
@@ -256,6 +185,9 @@ class Layers(StructuredBase):
             value = getattr(config, key, None) if config is not None else None
             if isinstance(value, list) and len(value) == len(dec.blocks):
                 changes[key] = [value[i] for i in keep]
+        widths = changes.get("intermediate_size_per_layer")
+        if dec.layout.config_mlp and widths and len(set(widths)) == 1:  # the kept blocks agree again
+            changes.update({dec.layout.config_mlp: widths[0], "intermediate_size_per_layer": None})
         update_config_(model, changes)
         new = model.get_submodule(dec.container)
         row = self.row(dec.container, new, before, started=start,
