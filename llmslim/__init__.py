@@ -36,6 +36,7 @@ __all__ = [
     "build_pass",
     "compress_",
     "default_forward",
+    "distill",
     "errors",
     "get_pass",
     "load",
@@ -52,7 +53,7 @@ __all__ = [
 ]
 
 # Subpackages that pull in optional or heavy dependencies load on first attribute access.
-_LAZY = {"testing", "prune", "quant", "hf"}
+_LAZY = {"testing", "prune", "quant", "distill", "hf"}
 
 
 def __getattr__(name: str) -> Any:

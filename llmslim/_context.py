@@ -71,6 +71,11 @@ class Context:
         module: Qualified name of the module the running pass works on, for error messages.
         model: The model the running pass works on (set by the manager and the calibration
             engine), so code that sees only a submodule can swap it (``replace_module_``).
+        original: While a manager applies passes of which one requires ``"original"`` and no
+            ``teacher`` was given: a frozen copy of the model as it was before the first pass
+            (on the CPU; see ``llmslim._original.frozen_copy``); ``None`` otherwise.
+        applied: The passes the running manager applied before the current one, so a pass that
+            trains (``distill``) can call their ``step`` after each optimizer step.
 
     Example:
         >>> import torch
@@ -129,6 +134,8 @@ class Context:
         self.journal: Journal | None = None
         self.module: str | None = None
         self.model: nn.Module | None = None
+        self.original: nn.Module | None = None
+        self.applied: tuple[Any, ...] = ()
         self._cache: dict[Hashable, Any] = {}
 
     def run(self, model: nn.Module, batch: Any) -> Any:
@@ -155,13 +162,17 @@ class Context:
             self._cache.pop(key, None)
 
     # -- helpers for passes --------------------------------------------------------------
-    def progress_bar(self, iterable: Iterable[T], *, desc: str, total: int | None = None) -> Iterator[T]:
-        """Wrap ``iterable`` in a tqdm bar unless progress is off."""
+    def progress_bar(self, iterable: Iterable[T], *, desc: str, total: int | None = None) -> Iterable[T]:
+        """Wrap ``iterable`` in a tqdm bar unless progress is off.
+
+        Returns the bar itself when it is shown (so a pass may call its ``set_postfix``), else an
+        iterator over ``iterable``.
+        """
         if not self.progress:
             return iter(iterable)
         from tqdm.auto import tqdm  # imported on first use: keeps `import llmslim` fast
 
-        return iter(tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True))
+        return tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True)
 
     @contextlib.contextmanager
     def working_on(self, name: str, module: nn.Module, *, in_place: bool = True) -> Iterator[None]:

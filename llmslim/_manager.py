@@ -15,6 +15,7 @@ from torch import nn
 from ._context import Context
 from .calibration._pass import CalibrationPass, Sweep, sweeps
 from ._measure import count_params, model_bytes
+from ._original import frozen_copy, original_dtype
 from ._pass import pass_name
 from ._recipe import read_recipe, write_recipe
 from ._registry import build_pass, to_spec
@@ -108,14 +109,32 @@ class PassManager:
 
     # -- the Pass and Stepped contract ----------------------------------------------------
     def apply(self, model: nn.Module, ctx: Context | None = None) -> Report:
-        """Check the plan, then apply every pass in order; return the Report tree."""
+        """Check the plan, then apply every pass in order; return the Report tree.
+
+        When a pass requires ``"original"`` and ``ctx`` has no teacher, a frozen copy of the
+        model as it is now is kept in ``ctx.original`` (on the CPU, see :func:`frozen_copy`)
+        until this call returns. While each pass runs, ``ctx.applied`` holds the passes before
+        it, so a pass that trains can ``step`` them.
+        """
         ctx = Context() if ctx is None else ctx
         start = time.perf_counter()
         self.check(ctx)
+        wanting = [p for p in self.passes if "original" in frozenset(getattr(p, "requires", ()) or ())]
+        kept = bool(wanting) and ctx.original is None and ctx.teacher is None
+        if kept:
+            ctx.original = frozen_copy(model, dtype=original_dtype(wanting))
         children: list[Report] = []
-        for unit in sweeps(self.passes):  # consecutive calibration passes share one sweep
-            report = self._run(unit, "apply", model, ctx, [c.name for c in children])
-            children.extend(_spliced(report) if isinstance(unit, Sweep) else [report])
+        applied: list[Any] = []
+        try:
+            for unit in sweeps(self.passes):  # consecutive calibration passes share one sweep
+                ctx.applied = tuple(applied)
+                report = self._run(unit, "apply", model, ctx, [c.name for c in children])
+                children.extend(_spliced(report) if isinstance(unit, Sweep) else [report])
+                applied.extend(unit.passes if isinstance(unit, Sweep) else [unit])
+        finally:
+            ctx.applied = ()
+            if kept:
+                ctx.original = None
         return _root(self.name, children, start)
 
     def step(self, model: nn.Module, ctx: Context) -> None:

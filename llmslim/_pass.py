@@ -77,7 +77,11 @@ class PassBase:
     against its annotation at construction ("must be X (got Y)"), and ``validate`` adds the
     pass's own rules. Class attributes declare what the plan check needs to know:
 
-    * ``requires``: inputs needed from the Context (``"calibration"``, ``"teacher"``);
+    * ``requires``: inputs needed from the Context (``"calibration"``, ``"teacher"``), or
+      ``"original"``: a reference model, the Context's teacher if it has one, else a frozen
+      copy of the model as it was before the manager's first pass, which the manager keeps in
+      ``ctx.original`` while it applies (on the CPU, floating parameters in the pass's
+      ``original_dtype`` when it has one);
     * ``produces``: tags this pass leaves on the model (``"packed"``, ``"masks"``, ``"structural"``);
     * ``rejects_after``: ``{tag: reason}``, tags of earlier passes this pass cannot follow;
     * ``accepts``: class names of the modules it can handle (``()`` means any);

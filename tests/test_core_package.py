@@ -16,7 +16,7 @@ def test_all_is_exactly_the_public_surface() -> None:
     import types
 
     public = {n for n in dir(ls) if not n.startswith("_") and not isinstance(getattr(ls, n), types.ModuleType)}
-    public = (public | {"errors", "testing", "prune", "quant"}) - {"annotations", "Any"}
+    public = (public | {"errors", "testing", "prune", "quant", "distill"}) - {"annotations", "Any"}
     assert set(ls.__all__) == public | {"__version__"}
     for name in ls.__all__:
         assert getattr(ls, name) is not None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
@@ -19,7 +19,7 @@ from ..errors import ConfigError, TargetError
 from ._fakequant import FakeQuant, get_fake_quant, pre_quant_weight
 from ._functional import dequantize, relative_error
 from ._grid import GridFields
-from ._linear import QuantLinear
+from ._sparse import quantized_layer
 
 __all__ = ["QAT"]
 
@@ -53,6 +53,9 @@ class QAT(GridFields, PassBase):
         scale_dtype: ``"auto"`` (float32 at 8 bits, bfloat16 below), ``"bfloat16"``,
             ``"float16"`` or ``"float32"`` (scales are rounded to it in training too, so
             finalize matches).
+        storage: What ``finalize`` leaves: ``"packed"`` (every code, the CPU int4/int8 kernels)
+            or ``"sparse"`` (a :class:`~llmslim.quant.SparseQuantLinear` storing only the
+            non-zero codes of a pruned weight, where that is smaller; else packed).
         targets / ignore / name: As :class:`~llmslim.PassBase`; ``lm_head`` is ignored by default.
 
     Raises:
@@ -73,6 +76,8 @@ class QAT(GridFields, PassBase):
         ('QuantLinear', True)
     """
 
+
+    storage: Literal["packed", "sparse"] = "packed"
 
     produces: ClassVar[frozenset[str]] = frozenset({"packed"})  # after finalize; pruning must come first
     accepts: ClassVar[tuple[str, ...]] = ("Linear", "Conv1D")
@@ -105,7 +110,8 @@ class QAT(GridFields, PassBase):
         """Nothing to update: the grid is recomputed from the weight at every forward."""
 
     def finalize(self, model: nn.Module, ctx: Context) -> Report:
-        """Replace every fake-quantized layer by a ``QuantLinear`` holding the same codes."""
+        """Replace every fake-quantized layer by a ``QuantLinear`` (or, with ``storage="sparse"``, a
+        ``SparseQuantLinear``) holding the same codes."""
         rows: list[ModuleRow] = []
         try:
             chosen = [(n, m, get_fake_quant(m)) for n, m in self.select(model)]
@@ -118,11 +124,12 @@ class QAT(GridFields, PassBase):
                 started, before = time.perf_counter(), self.measure(module)
                 value = pre_quant_weight(module, name)
                 codes, scale, zero = fq.grid(value)
-                new = QuantLinear.from_codes(codes, scale, zero, bits=fq.bits, group_size=fq.group_size,
-                                             bias=getattr(module, "bias", None), weight_dtype=value.dtype)
+                new, stored = quantized_layer(codes, scale, zero, bits=fq.bits, group_size=fq.group_size,
+                                              bias=getattr(module, "bias", None), weight_dtype=value.dtype,
+                                              sparse=self.storage == "sparse")
                 rows_value = value.t() if fq.transposed else value
                 error = relative_error(rows_value, dequantize(codes, scale, zero, group_size=fq.group_size))
                 replace_module_(model, name, new)
                 rows.append(self.row(name, new, before, started=started, error=error, group_size=new.group_size,
-                                     symmetric=fq.symmetric, kernel=new.kernel, prefill=new.prefill_kernel))
+                                     symmetric=fq.symmetric, kernel=new.kernel, prefill=new.prefill_kernel, storage=stored))
         return self.report(rows, modified=bool(rows))
