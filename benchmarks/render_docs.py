@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import DOCS, RESULTS, load_result  # noqa: E402
 
-BENCHMARKS = ("baseline", "calibration", "checkpoint", "core_overhead", "prune_quality", "quant_quality", "quant_speed", "qat", "structured")
+BENCHMARKS = ("baseline", "calibration", "checkpoint", "core_overhead", "prune_quality", "quant_quality", "quant_speed", "qat", "distill", "structured")
 
 
 def rendered(name: str) -> str:

@@ -1,4 +1,4 @@
-"""The ``llmslim`` command line: ``passes``, ``recipe check``, ``eval``, ``compress``."""
+"""The ``llmslim`` command line: ``demo``, ``passes``, ``recipe check``, ``eval``, ``compress``."""
 
 from __future__ import annotations
 
@@ -75,8 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true", help="machine-readable output")
     c.set_defaults(func=cmd_recipe_check)
 
-    from . import _cli_models  # imports no heavy dependency until a command runs
+    from . import _cli_demo, _cli_models  # import no heavy dependency until a command runs
 
+    _cli_demo.register(sub)
     _cli_models.register(sub)
     return parser
 
