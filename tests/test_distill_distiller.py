@@ -16,16 +16,8 @@ from llmslim.distill._capture import capture
 from llmslim.errors import ConfigError
 from llmslim.testing._models import has_transformers
 
-pytestmark = pytest.mark.skipif(not has_transformers(), reason="needs transformers")
+pytestmark = [pytest.mark.skipif(not has_transformers(), reason="needs transformers"), pytest.mark.usefixtures("one_thread")]
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny models: one thread is faster, and does not fight other processes for the cores
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 LAYER0 = {
     "llama": "model.layers.0", "qwen2": "model.layers.0", "mistral": "model.layers.0",

@@ -19,18 +19,10 @@ from llmslim.quant._fakequant import get_fake_quant
 from llmslim.testing._compare import snapshot, snapshot_diff
 from llmslim.testing._models import has_transformers
 
-pytestmark = pytest.mark.skipif(not has_transformers(), reason="needs transformers")
+pytestmark = [pytest.mark.skipif(not has_transformers(), reason="needs transformers"), pytest.mark.usefixtures("one_thread")]
 
 LINEARS = ("model.layers.*",)
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny models: one thread is faster, and does not fight other processes for the cores
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _data(n: int = 4, seed: int = 0) -> list[dict[str, torch.Tensor]]:
