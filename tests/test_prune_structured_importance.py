@@ -1,4 +1,4 @@
-"""Importance hooks of structured pruning: first-order Taylor (|sum of gradient x weight| over a group)
+"""Importance hooks of structured pruning: first-order Taylor (sum of |gradient x weight| over a group)
 and magnitudes read through the logical [out, in] matrix (GPT-2's transposed Conv1D)."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ def _net() -> nn.Module:
         return nn.Sequential(nn.Linear(5, 12), nn.Tanh(), nn.Linear(12, 3)).double()
 
 
-def test_taylor_is_the_first_order_change_of_the_loss() -> None:
+def test_taylor_sums_each_entrys_first_order_change_of_the_loss() -> None:
     model = _net()
     g = torch.Generator().manual_seed(1)
     batches = [(torch.randn(4, 5, generator=g, dtype=torch.float64), torch.randn(4, 3, generator=g, dtype=torch.float64)) for _ in range(3)]
@@ -28,25 +28,27 @@ def test_taylor_is_the_first_order_change_of_the_loss() -> None:
     groups = trace(model).spaces[0].groups()
     scores = group_scores("taylor", groups, model, ctx, "test")
 
-    def loss(alpha: float, group) -> float:  # mean loss with the group's entries scaled by (1 + alpha)
+    def slope(param: torch.Tensor, index: tuple[int, ...]) -> float:  # d mean loss / d alpha, the entry scaled by (1 + alpha)
+        eps, values = 1e-6, []
         with torch.no_grad():
-            saved = [p.clone() for p in model.parameters()]
-            for s in group.slices:
-                m = model.get_submodule(s.module)
-                if s.dim == 0:
-                    m.weight[s.start:s.stop] *= 1 + alpha
-                    m.bias[s.start:s.stop] *= 1 + alpha
-                else:
-                    m.weight[:, s.start:s.stop] *= 1 + alpha
-            value = sum(float(ctx.forward(model, b)) for b in batches) / len(batches)
-            for p, v in zip(model.parameters(), saved):
-                p.copy_(v)
-        return value
+            kept = float(param[index])
+            for alpha in (eps, -eps):
+                param[index] = kept * (1 + alpha)
+                values.append(sum(float(ctx.forward(model, b)) for b in batches) / len(batches))
+            param[index] = kept
+        return (values[0] - values[1]) / (2 * eps)  # = g * w of that entry
 
-    eps = 1e-6
     for group, score in zip(groups, scores):
-        slope = (loss(eps, group) - loss(-eps, group)) / (2 * eps)  # d loss / d alpha = sum(g * w)
-        assert float(score) == pytest.approx(abs(slope), rel=1e-6, abs=1e-12)
+        entries = []
+        for s in group.slices:
+            m = model.get_submodule(s.module)
+            for i in range(s.start, s.stop):
+                if s.dim == 0:
+                    entries += [(m.weight, (i, j)) for j in range(m.weight.shape[1])] + [(m.bias, (i,))]
+                else:
+                    entries += [(m.weight, (j, i)) for j in range(m.weight.shape[0])]
+        slopes = [slope(p, index) for p, index in entries]
+        assert float(score) == pytest.approx(sum(abs(v) for v in slopes), rel=1e-6, abs=1e-12)
     assert not any(p.grad is not None for p in model.parameters())  # .grad fields untouched
 
 
@@ -59,7 +61,7 @@ def test_taylor_reads_gpt2_conv1d_through_its_transpose() -> None:
     loss = model(**batch, labels=batch["input_ids"]).loss  # the next-token loss calibration_loss uses
     loss.backward()
     fc, proj = model.transformer.h[0].mlp.c_fc, model.transformer.h[0].mlp.c_proj  # weights stored [in, out]
-    manual = ((fc.weight.grad * fc.weight).sum(0) + fc.bias.grad * fc.bias + (proj.weight.grad * proj.weight).sum(1)).abs()
+    manual = (fc.weight.grad * fc.weight).abs().sum(0) + (fc.bias.grad * fc.bias).abs() + (proj.weight.grad * proj.weight).abs().sum(1)
     torch.testing.assert_close(scores.float(), manual.detach(), rtol=1e-4, atol=1e-7)
     l2 = group_scores("l2", channel_groups(dec, 0), model, ls.Context(), "test")
     torch.testing.assert_close(l2.float(), (fc.weight.square().sum(0) + proj.weight.square().sum(1)).sqrt().detach())

@@ -12,8 +12,8 @@ pass's ``importance`` field. Built-ins:
 * ``"influence"``: for blocks, ``1 - cos(h_in, h_out)`` averaged over calibration tokens (a block
   that barely changes the hidden state matters least; needs calibration data);
 * ``"last"``: for blocks, later blocks score lower (the naive depth baseline);
-* ``"taylor"`` (in :mod:`._taylor`): ``|sum over the group of gradient x weight|``, the first-order
-  estimate of the loss change when the group is removed (needs calibration data).
+* ``"taylor"`` (in :mod:`._taylor`): ``sum over the group of |gradient x weight|``, first-order
+  estimates of the loss change from each of the group's weights (needs calibration data).
 """
 
 from __future__ import annotations

@@ -1,9 +1,13 @@
-"""First-order Taylor importance: ``|sum over the group of gradient x weight|``.
+"""First-order Taylor importance: ``sum over the group of |gradient x weight|``.
 
-Removing a group sets its weights to zero; to first order the loss changes by
-``-sum(g * w)`` over the group's entries (and the biases of its output rows), so the score is the
-absolute value of that sum, with ``g`` the gradient of the loss averaged over the calibration
-batches. The loss, per batch (see :func:`calibration_loss`):
+Zeroing one weight changes the loss by about ``-g * w`` to first order, ``g`` the gradient of the
+loss averaged over the calibration batches. The score of a group is the sum of ``|g * w|`` over
+its entries (and the biases of its output rows): LLM-Pruner's element-wise first-order
+importance, which Torch-Pruning's Taylor importance also uses. The group's own first-order
+estimate, ``|sum(g * w)|``, lets entries of opposite sign cancel; on SmolLM2 (25% of MLP
+channels, 4 calibration windows) it ranked channels far worse: 2.62x dense perplexity against
+1.46x for the element-wise sum (benchmarks/structured.py, quick run). The loss, per batch (see
+:func:`calibration_loss`):
 
 1. the model's own loss, when the batch has labels (``output.loss``), or the output itself
    when ``ctx.forward`` returns a scalar (so a custom ``forward`` can define any loss);
@@ -103,7 +107,7 @@ def _gradients(model: nn.Module, ctx: Context, params: list[torch.Tensor]) -> li
 
 
 def taylor_scores(groups: Sequence[Group], model: nn.Module, ctx: Context) -> torch.Tensor:
-    """``|sum(g * w)|`` over each group's slices (rows include their bias; batch-norm rows their scale and shift).
+    """``sum(|g * w|)`` over each group's slices (rows include their bias; batch-norm rows their scale and shift).
 
     Raises:
         ConfigError: No calibration data, or a non-finite loss.
@@ -116,7 +120,7 @@ def taylor_scores(groups: Sequence[Group], model: nn.Module, ctx: Context) -> to
     grads = dict(zip((id(p) for p in params), _gradients(model, ctx, params)))
 
     def gw(p: torch.Tensor | None) -> torch.Tensor | None:
-        return None if p is None or id(p) not in grads else grads[id(p)] * p.detach().float()
+        return None if p is None or id(p) not in grads else (grads[id(p)] * p.detach().float()).abs()
 
     def entry(name: str, module: nn.Module, dim: int) -> torch.Tensor | None:
         spec = sliceable(module)
@@ -128,7 +132,7 @@ def taylor_scores(groups: Sequence[Group], model: nn.Module, ctx: Context) -> to
         per = mat.sum(dim=1 - dim)
         return per + b if dim == 0 and b is not None else per
 
-    return _slice_sums(groups, model, entry).abs()
+    return _slice_sums(groups, model, entry)
 
 
 register_importance("taylor", taylor_scores, calibration=True)
