@@ -98,6 +98,7 @@ def _llmslim(make: Callable[[], Any]) -> Run:
             "prune_s": prune_s,
             "finalize_s": finalize_s,
             "mean_layer_error": sum(errors) / len(errors) if errors else None,
+            "layer_errors": {r.module: float(f"{r.error:.4g}") for r in applied.all_rows if r.error is not None},  # plots.py
             "notes": [n for c in applied.children for n in c.notes],
         }
 

@@ -1,4 +1,5 @@
-"""Render every full benchmark result into docs/benchmarks.md (between its markers).
+"""Render every full benchmark result into docs/benchmarks.md (between its markers), and the
+headline table into README.md (between ``<!-- headline:begin -->`` and ``<!-- headline:end -->``).
 
 Run: python benchmarks/render_docs.py
 """
@@ -13,13 +14,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import DOCS, RESULTS, load_result  # noqa: E402
 
-BENCHMARKS = ("baseline", "calibration", "checkpoint", "core_overhead", "prune_quality", "quant_quality", "quant_speed", "qat", "distill", "structured")
+BENCHMARKS = ("baseline", "calibration", "checkpoint", "core_overhead", "prune_quality", "quant_quality", "quant_speed", "qat", "distill", "structured", "run_all", "peer_llmcompressor")
+README = Path(__file__).resolve().parent.parent / "README.md"
 
 
 def rendered(name: str) -> str:
     """The block docs/benchmarks.md must hold for benchmark ``name``."""
     module = importlib.import_module(name)
     return f"<!-- {name}:begin -->\n{module.render_markdown(load_result(name))}\n<!-- {name}:end -->"
+
+
+def headline() -> str:
+    """The block README.md must hold: the headline table (benchmarks/_headline.py) from the full results."""
+    import _headline
+
+    return f"<!-- headline:begin -->\n{_headline.render()}\n<!-- headline:end -->"
 
 
 def main() -> None:
@@ -34,6 +43,10 @@ def main() -> None:
         text = head + rendered(name) + tail
         print(f"rendered {name}")
     DOCS.write_text(text, encoding="utf-8")
+    readme = README.read_text(encoding="utf-8")
+    head, rest = readme.split("<!-- headline:begin -->", 1)
+    README.write_text(head + headline() + rest.split("<!-- headline:end -->", 1)[1], encoding="utf-8")
+    print("rendered the README headline")
 
 
 if __name__ == "__main__":

@@ -23,3 +23,7 @@ def test_docs_table_matches_its_json(name) -> None:
 def test_every_result_file_has_a_renderer() -> None:
     names = {p.stem for p in (ROOT / "benchmarks" / "results").glob("*.json") if not p.stem.endswith("-quick")}
     assert names <= set(render_docs.BENCHMARKS)
+
+
+def test_readme_headline_matches_the_json() -> None:
+    assert render_docs.headline() in (ROOT / "README.md").read_text(encoding="utf-8")
