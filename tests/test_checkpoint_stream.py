@@ -96,6 +96,17 @@ def test_gptq_from_shards_streamed_equals_in_memory_save(tmp_path, tied) -> None
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
 
 
+def test_swapped_out_modules_give_their_loaded_weights_back(tmp_path) -> None:
+    # The rollback journal keeps the Linear modules GPTQ swaps out; they held the block's float
+    # weights, so a 1.1B model from shards kept all of them resident (4.6 GB) until this was fixed.
+    source = shards(models.tiny("llama", **DIMS), tmp_path / "float")
+    model = skeleton()
+    linears = [m for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".layers." in n]
+    ls.compress_(model, gptq(), ctx=ls.Context(CALIB, weights=source, progress=False))
+    assert linears and not any(m in set(model.modules()) for m in linears)  # all swapped out
+    assert all(m.weight.device.type == "meta" for m in linears)
+
+
 def test_in_memory_sweep_with_a_module_outside_the_blocks(tmp_path) -> None:
     # without weights on disk the model stays usable, and lm_head (solved after the sweep) is
     # written at the end, compressed

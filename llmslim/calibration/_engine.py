@@ -264,6 +264,9 @@ def calibrate(
                 weights.load_(block, f"{bname}." if bname else "", device)
             home = _device_of(block)
             block.to(device)
+            # a solve may swap modules out (GPTQ's QuantLinear); the rollback journal keeps the old
+            # ones, which still hold the weights loaded or moved here: free those with the block's
+            before = list(block.modules())
             outputs = None
             fresh: list[torch.Tensor] | None = None  # outputs of a forward no solve has changed since
             fingerprint = _fingerprint(block)
@@ -301,10 +304,12 @@ def calibrate(
             outputs = fresh = None  # the new inputs hold them now; nothing else may keep the old inputs alive
             if after_block is not None:
                 after_block(bname, block)
-            if weights is not None:
-                weights.release_(block)
-            else:
-                block.to(home)
+            now_in = {id(m) for m in block.modules()}
+            for module in [block, *(m for m in before if id(m) not in now_in)]:
+                if weights is not None:
+                    weights.release_(module)
+                else:
+                    module.to(home)
             return_free_memory()
         if outside:
             _solve_outside(model, outside, batches, ctx, device, rows, index)
