@@ -120,7 +120,9 @@ class InputStats:
         """``2 X^T X / n`` as float32, the layer-wise least-squares Hessian GPTQ and SparseGPT use."""
         if self.xtx is None:
             raise CalibrationError("this layer's statistics hold no X^T X; ask for 'xtx'")
-        return (2.0 * self.xtx / max(self.n, 1)).float()
+        h = self.xtx.float().mul_(2.0 / max(self.n, 1))  # one float32 result, no float64 temporaries
+        self._part = None  # the float32 partial sum (width x width) is not needed to solve; later adds sum in float64
+        return h
 
     def channel_norms(self) -> torch.Tensor:
         """``||X_j||_2`` per input channel over every token seen, float32 (Wanda's activation norm)."""

@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -55,24 +55,23 @@ def _weighted_mse_params(cols: torch.Tensor, importance: torch.Tensor, *, bits: 
     return best_s, best_z  # type: ignore[return-value]
 
 
-def _inverse_cholesky(h: torch.Tensor, damp: float, retries: int = 4) -> tuple[torch.Tensor, float, int]:
+def _inverse_cholesky(build: Callable[[], torch.Tensor], damp: float, retries: int = 4) -> tuple[torch.Tensor, float, int]:
     # Upper Cholesky factor of H^-1, damped by a fraction of the mean diagonal; a failure
     # (H not positive definite in float) is retried with ten times the damping.
-    # ``h`` is damped in place (only its diagonal changes, so a retry restores that alone) and
-    # each factor is freed as soon as the next exists: a (5632, 5632) float64 Hessian is 254 MB,
-    # and the peak here sets the peak of calibrating a large model from disk
-    diagonal = h.diagonal().clone()
-    mean = diagonal.mean().item()
+    # ``build()`` makes a fresh float64 H; no reference to it outlives its factor, and each
+    # factor is freed as soon as the next exists: a (5632, 5632) float64 Hessian is 254 MB, and
+    # the peak here sets the peak of calibrating a large model from disk (a retry builds H again)
     for attempt in range(retries + 1):
-        h.diagonal().copy_(diagonal + damp * mean)
+        h = build()
+        h.diagonal().add_(damp * h.diagonal().mean().item())
         lower, info = torch.linalg.cholesky_ex(h)
+        del h
         if int(info) == 0:
             inverse = torch.cholesky_inverse(lower)
             del lower
             upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
             del inverse
             if int(info) == 0:
-                h.diagonal().copy_(diagonal)
                 return upper, damp, attempt
         damp *= 10
     raise torch.linalg.LinAlgError(f"the Hessian is not positive definite even with damping {damp / 10:g}")
@@ -120,26 +119,33 @@ def gptq_quantize(
         (torch.Size([8, 16]), torch.Size([8, 2]))
     """
     w = w.detach().float().clone()
-    h = hessian.detach().to(torch.float64, copy=True)
+    hessian = hessian.detach()
     out_features, columns = w.shape
     qmin, qmax = code_range(bits)
-    dead = h.diagonal() == 0  # inputs that never fire: nothing to preserve there
-    h[dead, dead] = 1.0
+    diagonal = hessian.diagonal().double()
+    dead = diagonal == 0  # inputs that never fire: nothing to preserve there
+    diagonal[dead] = 1.0
     w[:, dead] = 0.0
     groups = _group_bounds(columns, group_size)
     group_of = torch.empty(columns, dtype=torch.long)
     for g, (s, e) in enumerate(groups):
         group_of[s:e] = g
-    perm = torch.argsort(h.diagonal(), descending=True) if act_order else torch.arange(columns)
-    w, h = w[:, perm], h[perm[:, None], perm[None, :]]  # one gather: no intermediate (in, in) copy
+    perm = torch.argsort(diagonal, descending=True) if act_order else torch.arange(columns)
+    w, dead_p = w[:, perm], dead[perm]
+
+    def build() -> torch.Tensor:  # H in float64, permuted, dead inputs given a unit diagonal
+        h = (hessian[perm[:, None], perm[None, :]] if act_order else hessian).to(torch.float64, copy=True)
+        h[dead_p, dead_p] = 1.0
+        return h
+
     zeros_mask = None if keep_zeros is None else keep_zeros[:, perm]
-    upper, used_damp, retries = _inverse_cholesky(h, damp)
+    upper, used_damp, retries = _inverse_cholesky(build, damp)
     upper = upper.float()
 
     scale = torch.empty(out_features, len(groups), dtype=scale_dtype)
     zero = None if symmetric else torch.empty(out_features, len(groups), dtype=torch.int8)
 
-    hdiag = h.diagonal().float()
+    hdiag = diagonal[perm].float()
 
     def fit(g: int, cols: torch.Tensor, idx: torch.Tensor) -> None:
         if clip == "mse":  # GPTQ's own objective: each column's error weighted by its Hessian diagonal
@@ -285,10 +291,12 @@ class GPTQ(GridFields, CalibrationPass):
         if ctx.model is None:
             raise RuntimeError("GPTQ.solve runs inside the calibration engine, which sets ctx.model")
         replace_module_(ctx.model, name, new)
-        delta = (w.float() - new.dequantize(torch.float32)).double()
-        h = hessian.double()
-        denominator = torch.einsum("oi,ij,oj->", w.double(), h, w.double()).item()
-        error = torch.einsum("oi,ij,oj->", delta, h, delta).item() / denominator if denominator > 0 else 0.0
+        # relative output error tr(D H D^T) / tr(W H W^T), in float32 products summed in float64:
+        # no float64 copy of a (5632, 5632) Hessian at the peak of the sweep
+        w = w.float()
+        delta = w - new.dequantize(torch.float32)
+        denominator = float((w @ hessian).mul_(w).sum(dtype=torch.float64))
+        error = float((delta @ hessian).mul_(delta).sum(dtype=torch.float64)) / denominator if denominator > 0 else 0.0
         return self.row(name, new, before, started=started, error=math.sqrt(max(error, 0.0)), group_size=new.group_size,
                         symmetric=self.symmetric, kernel=new.kernel, damp=result["damp"], cholesky_retries=result["retries"],
                         storage=stored)
