@@ -96,13 +96,21 @@ def test_gptq_from_shards_streamed_equals_in_memory_save(tmp_path, tied) -> None
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
 
 
-def test_swapped_out_modules_give_their_loaded_weights_back(tmp_path) -> None:
+def test_swapped_out_modules_give_their_loaded_weights_back(tmp_path, monkeypatch) -> None:
     # The rollback journal keeps the Linear modules GPTQ swaps out; they held the block's float
     # weights, so a 1.1B model from shards kept all of them resident (4.6 GB) until this was fixed.
     source = shards(models.tiny("llama", **DIMS), tmp_path / "float")
     model = skeleton()
     linears = [m for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".layers." in n]
+    real_at_solve: list[int] = []  # swapped-out Linears still holding weights when a layer is solved
+
+    def solve(self, name, module, stats, ctx, _solve=type(gptq()).solve):
+        real_at_solve.append(sum(m.weight.device.type != "meta" for m in linears if m is not module and m not in set(ctx.model.modules())))
+        return _solve(self, name, module, stats, ctx)
+
+    monkeypatch.setattr(type(gptq()), "solve", solve)
     ls.compress_(model, gptq(), ctx=ls.Context(CALIB, weights=source, progress=False))
+    assert real_at_solve and not any(real_at_solve)  # each goes right after its own solve
     assert linears and not any(m in set(model.modules()) for m in linears)  # all swapped out
     assert all(m.weight.device.type == "meta" for m in linears)
 

@@ -290,7 +290,8 @@ def calibrate(
                     stats, fresh = _collect(batch_of_groups, run, device, stop_early=not last and not need_original)
                     if propagate == "original" and outputs is None:
                         outputs = fresh
-                    _solve(batch_of_groups, stats, ctx, rows, index)
+                    _solve(batch_of_groups, stats, ctx, rows, index,
+                           retire=(lambda m: weights.release_(m)) if weights is not None else (lambda m: m.to(home)))
                     del stats  # the statistics (Hessians: the largest tensors here) are not needed again
                     now = _fingerprint(block)
                     if now != fingerprint:
@@ -319,12 +320,22 @@ def calibrate(
     )
 
 
-def _solve(groups: list[list[Item]], stats: dict[str, InputStats], ctx: Context, rows: list[list[ModuleRow]], index: dict[int, int]) -> None:
+def _solve(groups: list[list[Item]], stats: dict[str, InputStats], ctx: Context, rows: list[list[ModuleRow]], index: dict[int, int],
+           retire: Callable[[nn.Module], None] | None = None) -> None:
     for solver, name, module in (item for g in groups for item in g):
         with ctx.working_on(name, module, in_place=getattr(solver, "edits_in_place", False)):
             row = solver.solve(name, module, stats[name], ctx)
         if row is not None:
             rows[index[id(solver)]].append(row)
+        if retire is not None and ctx.model is not None and _swapped_out(ctx.model, name, module):
+            retire(module)  # kept by the rollback journal: its weights go now, not at the block's end
+
+
+def _swapped_out(model: nn.Module, name: str, module: nn.Module) -> bool:
+    try:
+        return model.get_submodule(name) is not module
+    except AttributeError:
+        return True
 
 
 def _solve_outside(model: nn.Module, items: list[Item], batches: list[Any], ctx: Context, device: torch.device,

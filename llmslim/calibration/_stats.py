@@ -77,11 +77,14 @@ class InputStats:
         self._part = (torch.zeros(width, width, dtype=torch.float32, device=device)
                       if "xtx" in kinds and width <= _PART_MAX_WIDTH else None)
         self._parts = 0
+        self._hessian: torch.Tensor | None = None  # set by hessian(), which drops the float64 sum
         self.sqsum = torch.zeros(width, dtype=torch.float64, device=device) if "sqsum" in kinds else None
         self.absmax = torch.zeros(width, dtype=torch.float32, device=device) if "absmax" in kinds else None
 
     def add(self, rows: torch.Tensor) -> None:
         """Add input rows ``[tokens, in]``."""
+        if self._hessian is not None:
+            raise CalibrationError("these statistics were finalized by hessian() (X^T X is dropped then): collect new ones")
         x = rows.detach().float()
         self.n += x.shape[0]
         if self._part is not None:
@@ -108,7 +111,12 @@ class InputStats:
 
     @property
     def xtx(self) -> torch.Tensor | None:
-        """``sum x x^T`` over every row added, float64 ``[in, in]``, or ``None``."""
+        """``sum x x^T`` over every row added, float64 ``[in, in]``, or ``None``.
+
+        After :meth:`hessian` only the float32 Hessian is held: this is then rebuilt from it.
+        """
+        if self._hessian is not None:
+            return self._hessian.double().mul_(max(self.n, 1) / 2.0)
         self._fold()
         return self._xtx
 
@@ -117,12 +125,22 @@ class InputStats:
         return {k: v for k, v in (("xtx", self.xtx), ("sqsum", self.sqsum), ("absmax", self.absmax)) if v is not None}
 
     def hessian(self) -> torch.Tensor:
-        """``2 X^T X / n`` as float32, the layer-wise least-squares Hessian GPTQ and SparseGPT use."""
-        if self.xtx is None:
-            raise CalibrationError("this layer's statistics hold no X^T X; ask for 'xtx'")
-        h = self.xtx.float().mul_(2.0 / max(self.n, 1))  # one float32 result, no float64 temporaries
-        self._part = None  # the float32 partial sum (width x width) is not needed to solve; later adds sum in float64
-        return h
+        """``2 X^T X / n`` as float32, the layer-wise least-squares Hessian GPTQ and SparseGPT use.
+
+        Computed once: the float64 sum (and the float32 partial sum) are dropped then, because a
+        solve holding both beside its own float64 working copies set the peak memory of
+        calibrating a large model (254 MB each at 5632 inputs). Later calls, from the layers that
+        share these inputs, return the same tensor: callers must not modify it in place.
+
+        Raises:
+            CalibrationError: The statistics hold no ``X^T X``.
+        """
+        if self._hessian is None:
+            if self.xtx is None:
+                raise CalibrationError("this layer's statistics hold no X^T X; ask for 'xtx'")
+            self._hessian = self.xtx.float().mul_(2.0 / max(self.n, 1))  # one float32 result, no float64 temporaries
+            self._xtx = self._part = None
+        return self._hessian
 
     def channel_norms(self) -> torch.Tensor:
         """``||X_j||_2`` per input channel over every token seen, float32 (Wanda's activation norm)."""
