@@ -138,7 +138,9 @@ class InputStats:
         if self._hessian is None:
             if self.xtx is None:
                 raise CalibrationError("this layer's statistics hold no X^T X; ask for 'xtx'")
-            self._hessian = self.xtx.float().mul_(2.0 / max(self.n, 1))  # one float32 result, no float64 temporaries
+            # scaled in place in float64 (the sum is dropped next), then one float32 copy: no float64
+            # temporary, and sums beyond float32's range still scale back into it
+            self._hessian = self.xtx.mul_(2.0 / max(self.n, 1)).float()
             self._xtx = self._part = None
         return self._hessian
 

@@ -168,6 +168,12 @@ def _weight(name: str, module: nn.Module, prop: str) -> torch.Tensor:
     return w.detach()
 
 
+def _output_rows(module: nn.Module, w: torch.Tensor) -> int:
+    from ..prune._mask import rows_view
+
+    return rows_view(module, w).shape[0]
+
+
 # -- the known properties ---------------------------------------------------------------------
 @register_property("sparsity")
 def _sparsity(value: Any, ev: Evidence) -> None:
@@ -180,7 +186,8 @@ def _sparsity(value: Any, ev: Evidence) -> None:
         if measured is None:
             raise Violation(f"declares sparsity {value:g} but the module's sparsity cannot be measured", module=name)
         w = getattr(module, "weight", None)
-        slack = (w.shape[0] / w.numel()) if isinstance(w, torch.Tensor) and w.dim() >= 2 and w.numel() else 0.0
+        # one weight per output row (rows as pruning sees them: GPT-2's Conv1D stores [in, out])
+        slack = (_output_rows(module, w) / w.numel()) if isinstance(w, torch.Tensor) and w.dim() >= 2 and w.numel() else 0.0
         if measured < value - slack - ev.atol - 1e-12:
             raise Violation(
                 f"module {name!r} has sparsity {measured:.4f}, below the declared {value:g} "
