@@ -267,6 +267,7 @@ def calibrate(
             # a solve may swap modules out (GPTQ's QuantLinear); the rollback journal keeps the old
             # ones, which still hold the weights loaded or moved here: free those with the block's
             before = list(block.modules())
+            retire: Callable[[nn.Module], Any] = weights.release_ if weights is not None else (lambda m, home=home: m.to(home))
             outputs = None
             fresh: list[torch.Tensor] | None = None  # outputs of a forward no solve has changed since
             fingerprint = _fingerprint(block)
@@ -290,8 +291,7 @@ def calibrate(
                     stats, fresh = _collect(batch_of_groups, run, device, stop_early=not last and not need_original)
                     if propagate == "original" and outputs is None:
                         outputs = fresh
-                    _solve(batch_of_groups, stats, ctx, rows, index,
-                           retire=(lambda m: weights.release_(m)) if weights is not None else (lambda m: m.to(home)))
+                    _solve(batch_of_groups, stats, ctx, rows, index, retire=retire)
                     del stats  # the statistics (Hessians: the largest tensors here) are not needed again
                     now = _fingerprint(block)
                     if now != fingerprint:
@@ -307,10 +307,7 @@ def calibrate(
                 after_block(bname, block)
             now_in = {id(m) for m in block.modules()}
             for module in [block, *(m for m in before if id(m) not in now_in)]:
-                if weights is not None:
-                    weights.release_(module)
-                else:
-                    module.to(home)
+                retire(module)
             return_free_memory()
         if outside:
             _solve_outside(model, outside, batches, ctx, device, rows, index)
@@ -321,7 +318,7 @@ def calibrate(
 
 
 def _solve(groups: list[list[Item]], stats: dict[str, InputStats], ctx: Context, rows: list[list[ModuleRow]], index: dict[int, int],
-           retire: Callable[[nn.Module], None] | None = None) -> None:
+           retire: Callable[[nn.Module], Any] | None = None) -> None:
     for solver, name, module in (item for g in groups for item in g):
         with ctx.working_on(name, module, in_place=getattr(solver, "edits_in_place", False)):
             row = solver.solve(name, module, stats[name], ctx)
