@@ -90,23 +90,19 @@ def write_result(name: str, settings: Mapping[str, Any], results: Mapping[str, A
     """Write ``results/<name>[-quick].json`` atomically; return its path."""
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"{name}{'-quick' if quick else ''}.json"
-    payload = {"benchmark": name, "machine": machine(), "settings": dict(settings), "results": dict(results)}
+    payload = {"benchmark": name, "quick": quick, "machine": machine(), "settings": dict(settings), "results": dict(results)}
     tmp = out.with_name(f".{out.name}.tmp")
     tmp.write_text(json.dumps(payload, indent=2) + "\n")
     os.replace(tmp, out)
     return out
 
 
-def load_result(name: str) -> dict[str, Any]:
-    return json.loads((RESULTS / f"{name}.json").read_text())
-
-
 def machine_line(payload: Mapping[str, Any]) -> str:
     m = payload["machine"]
     isa = ", ".join(m.get("isa", [])) or "no AVX2"
     return (
-        f"Measured on {m['cpu']} ({isa}), {m['threads']} threads, torch {m['versions']['torch']}, "
-        f"{m['date']} — `benchmarks/results/{payload['benchmark']}.json`."
+        f"Measured on {m['cpu']} ({isa}), {m['threads']} thread{'' if m['threads'] == 1 else 's'}, torch {m['versions']['torch']}, "
+        f"{m['date']} — `benchmarks/results/{payload['benchmark']}{'-quick' if payload.get('quick') else ''}.json`."
     )
 
 

@@ -29,10 +29,11 @@ between the pruned model and the fine-tuned dense control; 25% channels plus rec
 the dense perplexity; distillation beats plain fine-tuning on KL to the original.
 
 Time: one step of 4 x 256 tokens (SmolLM2 float32 forward and backward, the bfloat16 teacher's
-forward, fused AdamW over the 106M parameters of the blocks) took 6.5 s on this 2-core CPU with one
-other process running, plus about 5 s per run to set up and score; the default 100 steps (102,400
-tokens, about 1.7 passes over the calibration split) then take about 11 minutes per recovery run,
-inside the 15-minute budget. A busier machine is slower: the times are recorded and checked.
+forward, fused AdamW over the 106M parameters of the blocks) takes about 5 s on this 2-core CPU
+with 2 threads and nothing else running: the default 100 steps (102,400 tokens, about 1.7 passes
+over the calibration split) took 528 s for Wanda 50% and 464 s for 25% channels, plus about a
+minute per run to set up and score, inside the 15-minute budget. With 1 thread beside another
+job they took 1162-1584 s: the times are recorded with the conditions (``--note``) and checked.
 
 Run:  python benchmarks/distill.py [--quick] [--only KEY ...]; then python benchmarks/render_docs.py
 """

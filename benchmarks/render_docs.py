@@ -1,6 +1,9 @@
 """Render every full benchmark result into docs/benchmarks.md (between its markers), and the
 headline table into README.md (between ``<!-- headline:begin -->`` and ``<!-- headline:end -->``).
 
+The one exception to "full results only": the suite's own record (``run_all``) falls back to the
+last ``run_all.py --quick`` run while no full suite run exists, and says so.
+
 Run: python benchmarks/render_docs.py
 """
 
@@ -12,16 +15,29 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import DOCS, RESULTS, load_result  # noqa: E402
+import json  # noqa: E402
+
+from _common import DOCS, RESULTS  # noqa: E402
 
 BENCHMARKS = ("baseline", "calibration", "checkpoint", "core_overhead", "prune_quality", "quant_quality", "quant_speed", "qat", "distill", "structured", "run_all", "peer_llmcompressor")
 README = Path(__file__).resolve().parent.parent / "README.md"
 
 
+QUICK_FALLBACK = ("run_all",)  # shown from their *-quick.json while no full result exists
+
+
+def result_file(name: str) -> Path:
+    """The JSON file benchmark ``name``'s block is rendered from (it may not exist yet)."""
+    full = RESULTS / f"{name}.json"
+    quick = RESULTS / f"{name}-quick.json"
+    return quick if name in QUICK_FALLBACK and not full.exists() and quick.exists() else full
+
+
 def rendered(name: str) -> str:
     """The block docs/benchmarks.md must hold for benchmark ``name``."""
     module = importlib.import_module(name)
-    return f"<!-- {name}:begin -->\n{module.render_markdown(load_result(name))}\n<!-- {name}:end -->"
+    payload = json.loads(result_file(name).read_text())
+    return f"<!-- {name}:begin -->\n{module.render_markdown(payload)}\n<!-- {name}:end -->"
 
 
 def headline() -> str:
@@ -34,7 +50,7 @@ def headline() -> str:
 def main() -> None:
     text = DOCS.read_text(encoding="utf-8")
     for name in BENCHMARKS:
-        if not (RESULTS / f"{name}.json").exists():
+        if not result_file(name).exists():
             print(f"skip {name}: no results/{name}.json (run benchmarks/{name}.py)")
             continue
         begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"

@@ -15,7 +15,7 @@ import render_docs  # noqa: E402
 
 @pytest.mark.parametrize("name", render_docs.BENCHMARKS)
 def test_docs_table_matches_its_json(name) -> None:
-    if not (ROOT / "benchmarks" / "results" / f"{name}.json").exists():
+    if not render_docs.result_file(name).exists():
         pytest.skip(f"no results/{name}.json yet")
     assert render_docs.rendered(name) in (ROOT / "docs" / "benchmarks.md").read_text()
 
