@@ -22,7 +22,8 @@ def refit_kept(target: torch.Tensor, start: torch.Tensor, keep: torch.Tensor, he
 
     Minimises ``tr((W' - T) H (W' - T)^T)`` over ``W'`` with ``W'`` zero where ``keep`` is False,
     starting from ``start``; ``H`` gets ``damping`` times its mean diagonal added (as the OBS
-    solve does), and zero diagonal entries (inputs that never fired) a unit.
+    solve does), after ``H`` is scaled to a unit maximum diagonal; diagonal entries below float32's
+    epsilon (inputs that, relative to the others, never fired) become 1.
 
     Args:
         target: The dense rows ``T`` ``[out, in]`` whose outputs are matched (not modified).
@@ -52,7 +53,13 @@ def refit_kept(target: torch.Tensor, start: torch.Tensor, keep: torch.Tensor, he
         return x
     h = hessian.float().clone()
     diag = h.diagonal()
-    diag[diag == 0] = 1.0
+    scale = float(diag.max()) if diag.numel() else 0.0
+    if not 0.0 < scale < float("inf"):
+        return x  # no input ever fired (or the statistics overflowed): nothing to fit to
+    # The minimiser does not change when H is scaled; scaling to a unit maximum keeps activations of
+    # 1e-20 (squares below float32's normal range) from turning the preconditioner into inf / NaN.
+    h.div_(scale)
+    diag[diag <= torch.finfo(torch.float32).eps] = 1.0  # inputs that (relatively) never fired
     diag.add_(damping * float(diag.mean()))
     inv_diag = 1.0 / diag
     r = ((t - x) @ h) * m  # minus half the gradient, on the free entries only
