@@ -244,6 +244,29 @@ class Percent(ls.PassBase):
         return self.report(modified=False)
 
 
+@dataclasses.dataclass
+class RefusesNaN(ls.PassBase):
+    """Refuses any model (with a ConfigError), like a calibrated pass whose statistics came out NaN;
+    ``scribble`` first changes the model, as a refusal must not."""
+
+    scribble: bool = False
+
+    def apply(self, model, ctx):
+        if self.scribble:
+            with torch.no_grad():
+                next(model.parameters()).add_(1.0)
+        raise ConfigError("refuses: statistics are NaN")
+
+
+def _nan_input_model() -> tuple[nn.Module, torch.Tensor]:
+    """A finite model whose output on its batch is NaN (the batch holds an Inf, as an overflowing
+    pathological model's activations would)."""
+    model, batch = make_model("mlp", seed=0, hidden=(16, 12))
+    batch = batch.clone()
+    batch[0, 0] = float("inf")
+    return model, batch
+
+
 @pytest.fixture
 def registered():
     """Register classes for one test, then forget them."""
@@ -316,6 +339,28 @@ def test_a_model_that_never_ran_is_reported_as_such() -> None:
     model, _ = make_model("mlp", seed=0)
     with pytest.raises(ContractError, match="does not run on the batch even before the pass") as info:
         check_pass(ToyPrune(), model, torch.randn(2, 99))
+    assert info.value.check == "runs"
+
+
+def test_a_clean_refusal_of_a_model_already_non_finite_skips_every_check() -> None:
+    model, batch = _nan_input_model()
+    result = check_pass(RefusesNaN(), model, batch)
+    assert result.passed == () and set(result.skipped) == set(CHECKS)
+    assert "non-finite before the pass, which refused it cleanly" in result.skipped["runs"]
+    assert "refuses: statistics are NaN" in result.skipped["save_load"]
+
+
+def test_refusing_a_finite_model_fails_runs() -> None:
+    exc = _caught(RefusesNaN())
+    assert exc.check == "runs" and "refuses: statistics are NaN" in str(exc)
+
+
+def test_a_refusal_that_changed_the_model_fails_runs() -> None:
+    model, batch = _nan_input_model()
+    # the manager rolls the edit back, so the pass is not caught changing the model: make the
+    # refusal outlive the journal by editing without it
+    with pytest.raises(ContractError) as info:
+        check_pass(RefusesNaN(scribble=True), model, batch)
     assert info.value.check == "runs"
 
 

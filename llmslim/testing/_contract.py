@@ -64,6 +64,11 @@ class Skip(Exception):
     """Raised by a check function that does not apply to this pass; the message is the reason."""
 
 
+class Refused(Skip):
+    """The pass refused, with an llmslim error and the model untouched, a model whose own output is
+    already non-finite: a clean refusal of broken input, after which no other check applies."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Check:
     """A registered check: its name, its function and a one-line summary."""
@@ -275,6 +280,9 @@ def check_pass(
                 continue
             try:
                 _CHECKS[name].fn(run)
+            except Refused as exc:
+                skipped.update({n: str(exc) for n in names[names.index(name):] if n not in skipped})
+                break
             except Skip as exc:
                 skipped[name] = str(exc)
             except Violation as exc:

@@ -23,8 +23,8 @@ from .._measure import Stats, count_params, model_bytes, module_stats
 from .._pass import pass_name
 from .._report import Report
 from ..errors import ConfigError, LlmslimError, PassError
-from ._compare import Snapshot, global_hook_counts, snapshot
-from ._contract import Violation
+from ._compare import Snapshot, flatten_output, global_hook_counts, nonfinite, snapshot, snapshot_diff
+from ._contract import Refused, Violation
 
 __all__ = ["InjectedFailure", "ProbeContext", "FailAfter", "Applied", "Run"]
 
@@ -258,6 +258,7 @@ class Run:
         try:
             applied = manager.apply(model, ctx)
         except LlmslimError as exc:
+            self._refusal(model, exc)
             where = f" (module {exc.module!r})" if isinstance(exc, PassError) and exc.module else ""
             raise Violation(
                 f"the pass raised on this model{where}: {_describe(exc)}",
@@ -292,6 +293,14 @@ class Run:
             output=output,
             output_error=error,
         )
+
+    def _refusal(self, model: nn.Module, exc: LlmslimError) -> None:
+        """Raise ``Refused`` when the pass refused a model already non-finite before it and left it as it was."""
+        broken = next((f"{path} ({bad})" for path, leaf in flatten_output(self.reference)
+                       if isinstance(leaf, torch.Tensor) and (bad := nonfinite(leaf))), None)
+        if broken is None or snapshot_diff(self.before, snapshot(model)) is not None:
+            return  # a finite model must not be refused; a refusal must leave the model as it was
+        raise Refused(f"the model's {broken} is non-finite before the pass, which refused it cleanly: {_describe(exc)}")
 
     def final_output(self) -> Any:
         """The output after the main run; a ``runs`` violation when the model no longer runs."""
