@@ -2,10 +2,12 @@
 
 Each script runs as a child process of this Python, never two at once (their timings must not
 disturb each other), with its output streaming through. ``--quick`` passes each script's own
-``--quick``; scripts whose quick mode still takes more than about 3 minutes on a 2-core CPU are
-skipped in quick mode, with the reason printed (name them in ``--only`` to run them anyway). The
+``--quick``; the long ones (quality, training and structured benchmarks) run only a few of their
+rows in quick mode, the peers' rows among them, so a quick run still compares side by side. A
+script may declare a reason to skip it in quick mode, printed (name it in ``--only`` to run it). The
 llm-compressor peer driver runs only when it and its virtual environment ``.venv-llmcompressor``
-exist. Afterwards: ``render_docs.py`` (full runs only: the docs show full results), then
+exist. Afterwards: ``render_docs.py`` (the docs show full results, and this suite's own record,
+quick while no full run exists), then
 ``plots.py`` when matplotlib is importable; a summary table (script, status, wall seconds, JSON
 written) is printed and written to ``results/run_all[-quick].json``.
 
@@ -46,18 +48,22 @@ class Script:
         return HERE / f"{self.name}.py"
 
 
-# Quick-mode costs are from the *-quick.json runs on this 2-core CPU (other jobs sharing it).
+# Quick mode runs the long scripts on a few of their rows (peers included, so a quick run still
+# compares against torchao, torch's pruning utilities and Torch-Pruning); their --only merges those
+# rows into the script's own *-quick.json. Times are from run_all-quick.json (2-core CPU).
 SCRIPTS: tuple[Script, ...] = (
     Script("baseline"),
     Script("calibration"),
     Script("checkpoint", quick_args=("--part", "big", "--quick")),  # its --quick covers the 1.1B part only
     Script("core_overhead"),
-    Script("prune_quality", quick_skip="quick mode still calibrates every method, the ablation and GPTQ rows on SmolLM2 (> 10 min)"),
-    Script("quant_quality", quick_skip="quick mode still runs every GPTQ row and the ablation (> 30 min)"),
+    Script("prune_quality", quick_args=("--quick", "--no-ablation", "--only", "magnitude-50", "wanda-50", "torch-l1-50",
+                                        "torchao-wanda-50")),
+    Script("quant_quality", quick_args=("--quick", "--only", "rtn int8,torchao int8 weight-only,rtn int4 g64,"
+                                        "torchao int4 weight-only g64")),
     Script("quant_speed"),
-    Script("qat", quick_skip="quick mode trains 8 QAT and 8 fine-tune steps (> 20 min)"),
-    Script("distill", quick_skip="quick mode still prunes, quantizes and trains 7 rows (> 1 h)"),
-    Script("structured", quick_skip="quick mode still prunes 8 rows, most from calibration (> 9 min)"),
+    Script("qat", quick_args=("--quick", "--steps", "2")),
+    Script("distill", quick_args=("--quick", "--only", "wanda", "wanda+kd")),
+    Script("structured", quick_args=("--quick", "--only", "channels-l2", "tp-magnitude")),
     Script("peer_llmcompressor", needs=".venv-llmcompressor"),
 )
 NAMES = tuple(s.name for s in SCRIPTS)
@@ -125,7 +131,7 @@ def _shell(cmd: list[str]) -> str:
 
 
 def render_markdown(payload: dict) -> str:
-    """The docs block for results/run_all.json: what the last full suite run did and how long each part took."""
+    """The docs block for results/run_all[-quick].json: what the last suite run did and how long each part took."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from _common import machine_line, table
 
@@ -133,13 +139,15 @@ def render_markdown(payload: dict) -> str:
              r["note"] or "-"] for r in payload["results"]["scripts"]]
     s = payload["settings"]
     threads = f"OMP_NUM_THREADS={s['threads']}" if s.get("threads") else "default threads"
-    return (f"{machine_line(payload)} `python benchmarks/run_all.py` ({threads}); wall seconds per script, "
-            f"one script at a time.\n\n" + table(["script", "status", "wall (s)", "JSON written", "note"], rows))
+    run = "python benchmarks/run_all.py" + (" --quick" if s.get("quick") else "")
+    quick = (" No full suite run is recorded yet: this is the quick one (each script's short mode, the long scripts on "
+             "a few rows; its results go to the `*-quick.json` files, which this page never shows).") if s.get("quick") else ""
+    return (f"{machine_line(payload)} `{run}` ({threads}); wall seconds per script, one script at a time.{quick}\n\n" + table(["script", "status", "wall (s)", "JSON written", "note"], rows))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="each script's --quick (long ones skipped; results/*-quick.json)")
+    parser.add_argument("--quick", action="store_true", help="each script's --quick (the long ones on a few rows; results/*-quick.json)")
     parser.add_argument("--only", nargs="+", choices=NAMES, metavar="NAME", help=f"run only these (in quick mode even those it skips): {', '.join(NAMES)}")
     parser.add_argument("--skip", nargs="+", choices=NAMES, metavar="NAME", help="do not run these")
     parser.add_argument("--threads", type=int, help="OMP_NUM_THREADS for the children (and --threads where a script takes it)")
@@ -182,12 +190,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _after(args: argparse.Namespace, env: dict[str, str], stopped: bool) -> list[dict[str, Any]]:
-    """render_docs.py (full runs) and plots.py (when matplotlib is importable), unless a failure stopped the suite."""
-    todo: list[tuple[str, list[str] | None, str]] = []
-    if args.quick:
-        todo.append(("render_docs", None, "quick results are never shown in the docs"))
-    else:
-        todo.append(("render_docs", [sys.executable, str((HERE / "render_docs.py").relative_to(ROOT))], ""))
+    """render_docs.py and plots.py (when matplotlib is importable), unless a failure stopped the suite."""
+    # quick runs render too: the page shows the suite's quick record until a full one exists
+    todo: list[tuple[str, list[str] | None, str]] = [("render_docs", [sys.executable, str((HERE / "render_docs.py").relative_to(ROOT))], "")]
     if importlib.util.find_spec("matplotlib") is None:
         todo.append(("plots", None, "matplotlib is not installed (pip install -e '.[plot]')"))
     else:

@@ -31,13 +31,16 @@ def test_quick_dry_run_prints_every_command_and_runs_nothing() -> None:
     assert "benchmarks/baseline.py --quick" in out
     assert "benchmarks/checkpoint.py --part big --quick" in out
     assert "benchmarks/quant_speed.py --quick --threads 1" in out  # --threads goes where the script takes it
-    assert "skip qat: quick mode" in out and "skip render_docs" in out
+    # the long scripts run a few rows in quick mode, the peers' among them
+    assert "benchmarks/structured.py --quick --only channels-l2 tp-magnitude" in out
+    assert "torchao-wanda-50" in out and "torch-l1-50" in out and "torchao int4 weight-only g64" in out
+    assert "benchmarks/render_docs.py" in out  # the page shows the quick record until a full run exists
     assert "peer_llmcompressor" in out
     assert {p.name: p.stat().st_mtime for p in (ROOT / "benchmarks" / "results").glob("*.json")} == before
 
 
 def test_only_runs_a_quick_skipped_script_and_skip_leaves_one_out() -> None:
-    script = next(s for s in run_all.SCRIPTS if s.name == "distill")
+    script = run_all.Script("distill", quick_skip="too slow")
     assert run_all.command(script, quick=True, threads=None)[0] is None
     cmd, _ = run_all.command(script, quick=True, threads=None, explicit=True)
     assert cmd[-1] == "--quick"
@@ -103,3 +106,12 @@ def test_keep_going_runs_the_rest_then_docs_and_plots(tree, monkeypatch, capsys)
     assert "render_docs.py" in out
     assert "failed (exit 3)" in out
     assert "| good | ok |" in run_all.render_markdown(payload)
+    assert "run_all.json`" in run_all.render_markdown(payload) and "quick one" not in run_all.render_markdown(payload)
+
+
+def test_a_quick_record_says_it_is_quick_and_names_its_file(tree, monkeypatch) -> None:
+    monkeypatch.setattr(run_all, "SCRIPTS", (run_all.Script("good"),))
+    assert run_all.main(["--quick"]) == 0
+    text = run_all.render_markdown(json.loads((tree / "results" / "run_all-quick.json").read_text()))
+    assert "`benchmarks/results/run_all-quick.json`" in text and "`python benchmarks/run_all.py --quick`" in text
+    assert "this is the quick one" in text
