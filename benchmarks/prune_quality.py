@@ -348,6 +348,14 @@ def main() -> None:
         "protocol": "default",
         "targets": list(TARGETS),
     }
+    old = _existing(args.quick) if args.only is not None else None
+    if old is not None:
+        # a partial run joins rows scored on the file's evaluation windows, never on others
+        differ = {k: (old["settings"].get(k), settings[k]) for k in ("windows", "seq_len", "protocol") if old["settings"].get(k) != settings[k]}
+        if differ:
+            said = ", ".join(f"{k} {a!r} (this run: {b!r})" for k, (a, b) in differ.items())
+            parser.error(f"--only merges into results/prune_quality{'-quick' if args.quick else ''}.json, which was scored with "
+                         f"{said}: pass the same settings (e.g. --windows {old['settings'].get('windows')}) or run every row")
     torch.manual_seed(0)
 
     dense, tokenizer = models.load_smollm2(progress=False)
@@ -355,9 +363,7 @@ def main() -> None:
     batches = data.calibration_batches(text=split.calibration, n_samples=settings["calibration"], seq_len=settings["seq_len"])
     large = data.calibration_batches(text=split.calibration, n_samples=settings["large_calibration"], seq_len=settings["seq_len"])
     measure = {"seq_len": settings["seq_len"], "max_windows": settings["windows"], "progress": False}
-    old = _existing(args.quick) if args.only is not None else None
-    if old is not None and all(old["settings"].get(k) == settings[k] for k in ("windows", "seq_len", "protocol")):
-        # a partial run into existing results: the dense figures are theirs (same evaluation windows)
+    if old is not None:
         results: dict[str, Any] = {k: old["results"][k] for k in ("dense_perplexity", "forward_s")}
     else:
         results = {"dense_perplexity": evaluate.perplexity(dense, split.evaluation, **measure),
