@@ -73,6 +73,8 @@ class CalibrationResult:
 
 
 def _checksum(t: torch.Tensor) -> int:
+    if t.numel() == 0:  # an empty tensor (a fully pruned layer's values): torch will not view it as words
+        return 0
     raw = t.detach().contiguous().view(-1).view(torch.uint8)
     if raw.numel() % 4 == 0:  # summed as 32-bit words: a quarter of the elements to widen
         raw = raw.view(torch.int32)
