@@ -96,10 +96,38 @@ def test_gptq_after_pruning_keeps_every_zero() -> None:
         assert q.weight_sparsity >= 0.5 - 1e-6, row.module
 
 
+@pytest.mark.parametrize("act_order", [False, True])
+def test_a_float32_solve_matches_the_float64_one(act_order) -> None:
+    w, x = _layer_problem(seed=2, out=32, inp=96)
+    h = 2 * x.T @ x / x.shape[0]
+    kw = {"bits": 4, "group_size": 16, "symmetric": False, "act_order": act_order, "scale_dtype": torch.float32}
+    f64 = gptq_quantize(w, h, solve_dtype=torch.float64, **kw)
+    f32 = gptq_quantize(w, h, solve_dtype=torch.float32, **kw)
+    assert (f64["solve_dtype"], f32["solve_dtype"]) == ("float64", "float32")
+    assert (f64["codes"] == f32["codes"]).float().mean() > 0.99  # a code or two may round the other way
+    assert f32["loss"] == pytest.approx(f64["loss"], rel=0.02)
+
+
+def test_auto_solves_wide_layers_in_float32(monkeypatch) -> None:
+    from llmslim.quant import gptq as gptq_module
+
+    monkeypatch.setattr(gptq_module, "FLOAT64_MAX_COLUMNS", 48)
+    w, x = _layer_problem()  # 48 columns
+    h = 2 * x.T @ x / x.shape[0]
+    assert gptq_quantize(w, h, bits=4, group_size=16, symmetric=False)["solve_dtype"] == "float64"
+    assert gptq_quantize(w[:, :40], h[:40, :40], bits=4, group_size=16, symmetric=False)["solve_dtype"] == "float64"
+    monkeypatch.setattr(gptq_module, "FLOAT64_MAX_COLUMNS", 47)
+    assert gptq_quantize(w, h, bits=4, group_size=16, symmetric=False)["solve_dtype"] == "float32"
+    model = nn.Sequential(nn.Linear(48, 8))
+    report = ls.compress_(model, GPTQ(bits=4, group_size=16, ignore=()), calibration=[torch.randn(16, 48)], progress=False)
+    assert report.all_rows[0].info["solve_dtype"] == "float32"
+
+
 @pytest.mark.parametrize(
     ("kwargs", "pattern"),
     [({"bits": 5}, "bits must be"), ({"group_size": 0}, "group_size must be"), ({"damp": 0.0}, "damp must be"),
-     ({"block_size": 0}, "block_size must be"), ({"clip": "max"}, "clip must be")],
+     ({"block_size": 0}, "block_size must be"), ({"clip": "max"}, "clip must be"),
+     ({"solve_dtype": "float16"}, "solve_dtype must be one of")],
 )
 def test_bad_configs(kwargs, pattern) -> None:
     with pytest.raises(ConfigError, match=pattern):

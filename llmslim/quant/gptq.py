@@ -55,10 +55,15 @@ def _weighted_mse_params(cols: torch.Tensor, importance: torch.Tensor, *, bits: 
     return best_s, best_z  # type: ignore[return-value]
 
 
+# Widest layer whose inverse Cholesky factor is computed in float64 under solve_dtype="auto":
+# wider ones use float32 (as the reference GPTQ does throughout), halving the solve's peak.
+FLOAT64_MAX_COLUMNS = 4096
+
+
 def _inverse_cholesky(build: Callable[[], torch.Tensor], damp: float, retries: int = 4) -> tuple[torch.Tensor, float, int]:
     # Upper Cholesky factor of H^-1, damped by a fraction of the mean diagonal; a failure
     # (H not positive definite in float) is retried with ten times the damping.
-    # ``build()`` makes a fresh float64 H; no reference to it outlives its factor, and each
+    # ``build()`` makes a fresh H in the solve's dtype; no reference to it outlives its factor, and each
     # factor is freed as soon as the next exists: a (5632, 5632) float64 Hessian is 254 MB, and
     # the peak here sets the peak of calibrating a large model from disk (a retry builds H again)
     for attempt in range(retries + 1):
@@ -90,6 +95,7 @@ def gptq_quantize(
     act_order: bool = False,
     clip: str = "minmax",
     keep_zeros: torch.Tensor | None = None,
+    solve_dtype: torch.dtype | None = None,
 ) -> dict[str, Any]:
     """GPTQ on one weight ``(out, in)`` with its Hessian ``(in, in)``.
 
@@ -106,10 +112,13 @@ def gptq_quantize(
             each column's squared error by its Hessian diagonal (its share of the output error).
         keep_zeros: Boolean ``(out, in)``: entries forced to exactly 0 (pruned weights); the
             error of forcing them is fed back like any rounding error.
+        solve_dtype: dtype of the Hessian's inverse Cholesky factor; ``None``: float64 up to
+            :data:`FLOAT64_MAX_COLUMNS` input columns, float32 above.
 
     Returns:
         ``codes`` int8 ``(out, in)``, ``scale`` and ``zero`` ``(out, groups)``, ``damp`` (used),
-        ``retries`` (Cholesky retries) and ``loss`` (the OBS objective, summed).
+        ``retries`` (Cholesky retries), ``loss`` (the OBS objective, summed) and
+        ``solve_dtype`` (the factor's dtype, by name).
 
     Example:
         >>> g = torch.Generator().manual_seed(0)
@@ -133,14 +142,17 @@ def gptq_quantize(
     perm = torch.argsort(diagonal, descending=True) if act_order else torch.arange(columns)
     w, dead_p = w[:, perm], dead[perm]
 
-    def build() -> torch.Tensor:  # H in float64, permuted, dead inputs given a unit diagonal
-        h = (hessian[perm[:, None], perm[None, :]] if act_order else hessian).to(torch.float64, copy=True)
+    if solve_dtype is None:
+        solve_dtype = torch.float64 if columns <= FLOAT64_MAX_COLUMNS else torch.float32
+
+    def build() -> torch.Tensor:  # H in the solve's dtype, permuted, dead inputs given a unit diagonal
+        h = (hessian[perm[:, None], perm[None, :]] if act_order else hessian).to(solve_dtype, copy=True)
         h[dead_p, dead_p] = 1.0
         return h
 
     zeros_mask = None if keep_zeros is None else keep_zeros[:, perm]
     upper, used_damp, retries = _inverse_cholesky(build, damp)
-    upper = upper.float()
+    upper = upper.float()  # a float64 factor is freed here: only the float32 copy stays
 
     scale = torch.empty(out_features, len(groups), dtype=scale_dtype)
     zero = None if symmetric else torch.empty(out_features, len(groups), dtype=torch.int8)
@@ -194,7 +206,8 @@ def gptq_quantize(
         wt[end:] -= upper[start:end, end:].t() @ errors
     inverse = torch.argsort(perm)
     codes = codes_t.t()
-    return {"codes": codes[:, inverse], "scale": scale, "zero": zero, "damp": used_damp, "retries": retries, "loss": float(loss.sum())}
+    return {"codes": codes[:, inverse], "scale": scale, "zero": zero, "damp": used_damp, "retries": retries, "loss": float(loss.sum()),
+            "solve_dtype": str(solve_dtype).removeprefix("torch.")}
 
 
 @dataclasses.dataclass
@@ -221,6 +234,10 @@ class GPTQ(GridFields, CalibrationPass):
         clip: Each group's grid: ``"mse"`` (the default: the clipping with the lowest squared
             error, each column weighted by its Hessian diagonal), ``"minmax"`` or ``"hqq"``.
         true_sequential: Solve one input group at a time within a block.
+        solve_dtype: Precision of the inverse Hessian's Cholesky factor: ``"float64"``,
+            ``"float32"`` (half the memory; the reference GPTQ's choice) or ``"auto"`` (the
+            default): float64 up to 4096 input columns, float32 above, where the float64 pair of
+            factors sets the peak (a 5632-wide ``down_proj``: 2 x 254 MB).
         storage: ``"packed"`` (every code stored; the CPU int4/int8 kernels) or ``"sparse"``: a
             layer with zeros stores only its non-zero codes plus a bitmask or N:M indices
             (:class:`~llmslim.quant.SparseQuantLinear`) where that is smaller than packed; each
@@ -246,6 +263,7 @@ class GPTQ(GridFields, CalibrationPass):
     clip: Literal["minmax", "mse", "hqq"] = "mse"
     true_sequential: bool = True
     storage: Literal["packed", "sparse"] = "packed"
+    solve_dtype: Literal["auto", "float64", "float32"] = "auto"
 
     produces: ClassVar[frozenset[str]] = frozenset({"packed"})
     rejects_after: ClassVar[Mapping[str, str]] = {"packed": "the weights are already quantized"}
@@ -284,6 +302,7 @@ class GPTQ(GridFields, CalibrationPass):
             w, hessian, bits=self.bits, group_size=self.group_size, symmetric=self.symmetric,
             scale_dtype=self.scales_dtype(), damp=self.damp, block_size=self.block_size,
             act_order=self.act_order, clip=self.clip, keep_zeros=zeros if bool(zeros.any()) else None,
+            solve_dtype=None if self.solve_dtype == "auto" else getattr(torch, self.solve_dtype),
         )
         new, stored = quantized_layer(result["codes"], result["scale"], result["zero"], bits=self.bits,
                                       group_size=self.group_size, bias=bias, weight_dtype=w.dtype,
@@ -299,5 +318,6 @@ class GPTQ(GridFields, CalibrationPass):
         error = float((delta @ hessian).mul_(delta).sum(dtype=torch.float64)) / denominator if denominator > 0 else 0.0
         return self.row(name, new, before, started=started, error=math.sqrt(max(error, 0.0)), group_size=new.group_size,
                         symmetric=self.symmetric, kernel=new.kernel, damp=result["damp"], cholesky_retries=result["retries"],
+                        solve_dtype=result["solve_dtype"],
                         storage=stored)
 
