@@ -217,7 +217,9 @@ def check_pass(
     Returns:
         A :class:`ContractResult` listing the checks that held and those skipped (with reasons).
         A pass that raises, or a model that no longer runs after it, fails check ``runs`` even
-        when ``runs`` is skipped: no other check can be made without it.
+        when ``runs`` is skipped: no other check can be made without it. The one exception is a
+        clean refusal: the pass raised an llmslim error on a model whose own output is already
+        NaN or Inf and left it unchanged; every check is then skipped with that reason.
 
     Raises:
         ContractError: A check failed; ``.check`` names it.
