@@ -10,12 +10,11 @@ Run: python benchmarks/render_docs.py
 from __future__ import annotations
 
 import importlib
+import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import json  # noqa: E402
 
 from _common import DOCS, RESULTS  # noqa: E402
 

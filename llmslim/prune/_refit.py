@@ -53,7 +53,7 @@ def refit_kept(target: torch.Tensor, start: torch.Tensor, keep: torch.Tensor, he
         return x
     h = hessian.float().clone()
     diag = h.diagonal()
-    scale = float(diag.max()) if diag.numel() else 0.0
+    scale = float(diag.max())  # not empty: x has entries, so H has a column
     if not 0.0 < scale < float("inf"):
         return x  # no input ever fired (or the statistics overflowed): nothing to fit to
     # The minimiser does not change when H is scaled; scaling to a unit maximum keeps activations of

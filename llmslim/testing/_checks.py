@@ -18,6 +18,7 @@ from .._registry import build_pass, registered_name, to_spec
 from .._report import Report
 from ..errors import ConfigError, LlmslimError, PassError
 from ._compare import (
+    first_nonfinite,
     flatten_output,
     global_hook_counts,
     hook_counts,
@@ -48,9 +49,9 @@ def check_runs(run: Run) -> None:
 @register_check("finite")
 def check_finite(run: Run) -> None:
     """No NaN or Inf in the outputs, parameters or buffers after the pass."""
-    for path, leaf in flatten_output(run.reference):
-        if isinstance(leaf, torch.Tensor) and nonfinite(leaf):
-            raise Skip(f"the model's {path} is already non-finite before the pass ({nonfinite(leaf)})")
+    broken = first_nonfinite(run.reference)
+    if broken is not None:
+        raise Skip(f"the model's {broken[0]} is already non-finite before the pass ({broken[1]})")
     for name, t in run.before.tensors.items():
         if nonfinite(t):
             raise Skip(f"tensor {name!r} is already non-finite before the pass ({nonfinite(t)})")
@@ -59,10 +60,9 @@ def check_finite(run: Run) -> None:
         if bad:
             module, leaf = split_name(name)
             raise Violation(f"module {module!r}: tensor {leaf!r} has {bad} after the pass", module=module)
-    for path, leaf in flatten_output(run.final_output()):
-        bad = nonfinite(leaf) if isinstance(leaf, torch.Tensor) else None
-        if bad:
-            raise Violation(f"{path} has {bad} after the pass")
+    broken = first_nonfinite(run.final_output())
+    if broken is not None:
+        raise Violation(f"{broken[0]} has {broken[1]} after the pass")
 
 
 # -- report ----------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ __all__ = [
     "flatten_output",
     "structure_diff",
     "nonfinite",
+    "first_nonfinite",
     "Snapshot",
     "snapshot",
     "snapshot_diff",
@@ -120,6 +121,17 @@ def nonfinite(t: torch.Tensor) -> str | None:
         nan = int(torch.isnan(t).sum())
         inf = int((~finite).sum()) - nan
     return f"{nan} NaN and {inf} Inf of {t.numel()} values"
+
+
+def first_nonfinite(out: Any) -> tuple[str, str] | None:
+    """``(path, what)`` of the first tensor leaf of a model output holding NaN or Inf, or ``None``.
+
+    Example:
+        >>> import torch
+        >>> first_nonfinite({"logits": torch.tensor([1.0, float("nan")])})
+        ("output['logits']", '1 NaN and 0 Inf of 2 values')
+    """
+    return next(((path, bad) for path, leaf in flatten_output(out) if isinstance(leaf, torch.Tensor) and (bad := nonfinite(leaf))), None)
 
 
 # -- snapshots -------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from .._measure import Stats, count_params, model_bytes, module_stats
 from .._pass import pass_name
 from .._report import Report
 from ..errors import ConfigError, LlmslimError, PassError
-from ._compare import Snapshot, flatten_output, global_hook_counts, nonfinite, snapshot, snapshot_diff
+from ._compare import Snapshot, first_nonfinite, global_hook_counts, snapshot, snapshot_diff
 from ._contract import Refused, Violation
 
 __all__ = ["InjectedFailure", "ProbeContext", "FailAfter", "Applied", "Run"]
@@ -296,11 +296,10 @@ class Run:
 
     def _refusal(self, model: nn.Module, exc: LlmslimError) -> None:
         """Raise ``Refused`` when the pass refused a model already non-finite before it and left it as it was."""
-        broken = next((f"{path} ({bad})" for path, leaf in flatten_output(self.reference)
-                       if isinstance(leaf, torch.Tensor) and (bad := nonfinite(leaf))), None)
+        broken = first_nonfinite(self.reference)
         if broken is None or snapshot_diff(self.before, snapshot(model)) is not None:
             return  # a finite model must not be refused; a refusal must leave the model as it was
-        raise Refused(f"the model's {broken} is non-finite before the pass, which refused it cleanly: {_describe(exc)}")
+        raise Refused(f"the model's {broken[0]} ({broken[1]}) is non-finite before the pass, which refused it cleanly: {_describe(exc)}")
 
     def final_output(self) -> Any:
         """The output after the main run; a ``runs`` violation when the model no longer runs."""
